@@ -1,0 +1,204 @@
+"""Struct member offsets and enum values from the running kernel's BTF.
+
+The headers bcc compiles against may belong to another kernel, so every struct
+field the BPF program reads is located here instead, via libbpf's BTF parser.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_BTF_PATH = Path("/sys/kernel/btf/vmlinux")
+
+# BTF kinds (include/uapi/linux/btf.h)
+_KIND_INT = 1
+_KIND_PTR = 2
+_KIND_ARRAY = 3
+_KIND_STRUCT = 4
+_KIND_UNION = 5
+_KIND_ENUM = 6
+_KIND_TYPEDEF = 8
+_KIND_VOLATILE = 9
+_KIND_CONST = 10
+_KIND_RESTRICT = 11
+_KIND_TYPE_TAG = 18
+_KIND_ENUM64 = 19
+_MODIFIERS = {_KIND_TYPEDEF, _KIND_VOLATILE, _KIND_CONST, _KIND_RESTRICT, _KIND_TYPE_TAG}
+
+
+class BtfError(RuntimeError):
+    """BTF is missing or lacks a type or member the tracer needs."""
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size_or_type", ctypes.c_uint32)]
+
+
+class _BtfMember(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("type", ctypes.c_uint32), ("offset", ctypes.c_uint32)]
+
+
+class _BtfEnum(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("val", ctypes.c_int32)]
+
+
+class _BtfEnum64(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("lo32", ctypes.c_uint32), ("hi32", ctypes.c_uint32)]
+
+
+def _load_libbpf() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise BtfError(f"libbpf not found ({exc}); install it: apt-get install libbpf1") from exc
+    lib.btf__parse.restype = ctypes.c_void_p
+    lib.btf__parse.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+    lib.btf__free.argtypes = [ctypes.c_void_p]
+    lib.btf__find_by_name_kind.restype = ctypes.c_int32
+    lib.btf__find_by_name_kind.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]
+    lib.btf__type_by_id.restype = ctypes.POINTER(_BtfType)
+    lib.btf__type_by_id.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.btf__name_by_offset.restype = ctypes.c_char_p
+    lib.btf__name_by_offset.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.libbpf_get_error.restype = ctypes.c_long
+    lib.libbpf_get_error.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+@dataclass(frozen=True)
+class _Member:
+    name: str
+    type_id: int
+    bit_offset: int
+
+
+class KernelBtf:
+    """A parsed BTF file; free it with close() (or use as a context manager)."""
+
+    def __init__(self, path: Path = DEFAULT_BTF_PATH) -> None:
+        if not path.exists():
+            raise BtfError(
+                f"kernel BTF not found at {path}; a kernel built with CONFIG_DEBUG_INFO_BTF=y is needed"
+            )
+        self._lib = _load_libbpf()
+        handle = self._lib.btf__parse(str(path).encode(), None)
+        if not handle or self._lib.libbpf_get_error(handle):
+            raise BtfError(f"cannot parse BTF at {path}")
+        self._btf: int | None = handle
+
+    def __enter__(self) -> KernelBtf:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._btf:
+            self._lib.btf__free(self._btf)
+            self._btf = None
+
+    def _type(self, type_id: int) -> _BtfType:
+        return self._lib.btf__type_by_id(self._btf, type_id).contents
+
+    def _name(self, off: int) -> str:
+        raw = self._lib.btf__name_by_offset(self._btf, off)
+        return raw.decode() if raw else ""
+
+    @staticmethod
+    def _kind(t: _BtfType) -> int:
+        return (t.info >> 24) & 0x1F
+
+    def _resolve(self, type_id: int) -> int:
+        """Follows typedefs and qualifiers to the underlying type."""
+        while self._kind(self._type(type_id)) in _MODIFIERS:
+            type_id = self._type(type_id).size_or_type
+        return type_id
+
+    def _members(self, type_id: int) -> list[_Member]:
+        t = self._type(type_id)
+        vlen = t.info & 0xFFFF
+        kind_flag = t.info >> 31
+        base = ctypes.addressof(t) + ctypes.sizeof(_BtfType)
+        out = []
+        for i in range(vlen):
+            m = _BtfMember.from_address(base + i * ctypes.sizeof(_BtfMember))
+            bit = m.offset & 0xFFFFFF if kind_flag else m.offset
+            out.append(_Member(self._name(m.name_off), m.type, bit))
+        return out
+
+    def _find_member(self, type_id: int, name: str) -> tuple[int, int] | None:
+        """(bit offset, member type id) of `name`, searching anonymous members too."""
+        for m in self._members(type_id):
+            if m.name == name:
+                return m.bit_offset, m.type_id
+            if not m.name:
+                inner = self._resolve(m.type_id)
+                if self._kind(self._type(inner)) in (_KIND_STRUCT, _KIND_UNION):
+                    hit = self._find_member(inner, name)
+                    if hit:
+                        return m.bit_offset + hit[0], hit[1]
+        return None
+
+    def _struct_id(self, struct: str) -> int:
+        for kind in (_KIND_STRUCT, _KIND_UNION):
+            type_id = self._lib.btf__find_by_name_kind(self._btf, struct.encode(), kind)
+            if type_id > 0:
+                return type_id
+        raise BtfError(f"struct {struct} not in kernel BTF")
+
+    def offset(self, struct: str, path: str) -> int:
+        """Byte offset of a dotted member path, e.g. offset("sock", "__sk_common.skc_net.net")."""
+        type_id = self._struct_id(struct)
+        total_bits = 0
+        for part in path.split("."):
+            hit = self._find_member(type_id, part)
+            if hit is None:
+                raise BtfError(f"struct {struct} has no member {path} in kernel BTF")
+            total_bits += hit[0]
+            type_id = self._resolve(hit[1])
+        if total_bits % 8:
+            raise BtfError(f"{struct}.{path} is a bitfield")
+        return total_bits // 8
+
+    def enum_value(self, enum: str, name: str) -> int:
+        """Value of enumerator `name` in enum `enum`."""
+        for kind, item in ((_KIND_ENUM, _BtfEnum), (_KIND_ENUM64, _BtfEnum64)):
+            type_id = self._lib.btf__find_by_name_kind(self._btf, enum.encode(), kind)
+            if type_id <= 0:
+                continue
+            t = self._type(type_id)
+            base = ctypes.addressof(t) + ctypes.sizeof(_BtfType)
+            for i in range(t.info & 0xFFFF):
+                e = item.from_address(base + i * ctypes.sizeof(item))
+                if self._name(e.name_off) == name:
+                    return e.val if kind == _KIND_ENUM else (e.hi32 << 32) | e.lo32
+        raise BtfError(f"enum {enum} has no {name} in kernel BTF")
+
+
+# What tracer.c reads, as (macro, struct, member path).
+TRACER_OFFSETS: tuple[tuple[str, str, str], ...] = (
+    ("OFF_BYTES_RECEIVED", "tcp_sock", "bytes_received"),
+    ("OFF_BYTES_SENT", "tcp_sock", "bytes_sent"),
+    ("OFF_SK_FLAGS", "sock", "__sk_common.skc_flags"),
+    ("OFF_SK_NET", "sock", "__sk_common.skc_net.net"),
+    ("OFF_NET_INUM", "net", "ns.inum"),
+    ("OFF_SKC_FAMILY", "sock_common", "skc_family"),
+    ("OFF_SKC_DPORT", "sock_common", "skc_dport"),
+    ("OFF_INET_SPORT", "inet_sock", "inet_sport"),
+    ("OFF_SKC_RCV_SADDR", "sock_common", "skc_rcv_saddr"),
+    ("OFF_SKC_DADDR", "sock_common", "skc_daddr"),
+    ("OFF_SKC_V6_RCV_SADDR", "sock_common", "skc_v6_rcv_saddr"),
+    ("OFF_SKC_V6_DADDR", "sock_common", "skc_v6_daddr"),
+)
+
+
+def tracer_defines(path: Path = DEFAULT_BTF_PATH) -> dict[str, int]:
+    """Every offset and enum value tracer.c needs, keyed by its macro name."""
+    with KernelBtf(path) as btf:
+        out = {macro: btf.offset(struct, member) for macro, struct, member in TRACER_OFFSETS}
+        out["SOCK_DONE_BIT"] = btf.enum_value("sock_flags", "SOCK_DONE")
+    return out

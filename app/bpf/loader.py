@@ -1,0 +1,301 @@
+"""Host checks, compile (bcc), attach, read and detach: owns every kernel handle.
+
+One lifecycle: Tracer.open() compiles and attaches (undoing any partial attach
+on failure), start_reading() hooks the ring buffer fd into asyncio, close()
+detaches everything. Nothing else in the app touches bcc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.bpf.btf import BtfError, tracer_defines
+from app.config import Settings
+from app.decode import RECORD
+
+log = logging.getLogger(__name__)
+
+TRACER_C = Path(__file__).with_name("tracer.c")
+SETUP_HINT = "run scripts/setup.sh (or `make setup`) as root"
+
+# Tracepoints tracer.c attaches in every mode, as (category, event).
+BASE_TRACEPOINTS = (("sock", "inet_sock_set_state"), ("sock", "sock_send_length"), ("sock", "sock_recv_length"))
+DATA_QUEUE_TRACEPOINT = ("sock", "sk_data_ready")
+DATA_QUEUE_KPROBE = "tcp_data_queue"
+
+BPF_PROG_TYPE_TRACEPOINT = 5
+BPF_MAP_TYPE_RINGBUF = 27
+
+
+class TracerError(RuntimeError):
+    """The tracer cannot start; the message says what is missing and how to fix it."""
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+@dataclass
+class HostReport:
+    checks: list[Check] = field(default_factory=list)
+    kprobes: bool = False
+    defines: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks if c.required)
+
+    @property
+    def data_queue_hook(self) -> str:
+        if self.kprobes:
+            return f"kprobe:{DATA_QUEUE_KPROBE}"
+        return "tracepoint:{}:{}".format(*DATA_QUEUE_TRACEPOINT)
+
+    @property
+    def attach_mode(self) -> str:
+        return f"tracepoint:sock:inet_sock_set_state+{self.data_queue_hook}"
+
+    def first_failure(self) -> str:
+        """One line: what is missing and how to fix it."""
+        for c in self.checks:
+            if c.required and not c.ok:
+                return f"{c.name}: {c.detail}; fix: {c.fix}"
+        return ""
+
+
+def _libbpf() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libbpf.so.1")
+    except OSError:
+        return None
+
+
+def _mount(fstype: str, target: Path) -> str | None:
+    """Mounts a pseudo file system; returns an error text or None."""
+    source = "nodev" if fstype == "tracefs" else "none"
+    res = subprocess.run(["mount", "-t", fstype, source, str(target)], capture_output=True, text=True)
+    return None if res.returncode == 0 else (res.stderr.strip() or f"mount exited {res.returncode}")
+
+
+def _check_fs(name: str, fstype: str, path: Path, probe: Path, mount: bool) -> Check:
+    if probe.exists():
+        return Check(name, True, f"{path} mounted")
+    fix = f"mount -t {fstype} {'nodev' if fstype == 'tracefs' else 'none'} {path}"
+    if mount and os.geteuid() == 0:
+        err = _mount(fstype, path)
+        if err is None and probe.exists():
+            return Check(name, True, f"{path} was not mounted; mounted it")
+        return Check(name, False, f"{path} not mounted and mounting failed ({err})", fix)
+    return Check(name, False, f"{path} not mounted", fix)
+
+
+def _kprobes_available(tracefs: Path) -> bool:
+    if not (tracefs / "kprobe_events").exists():
+        return False   # CONFIG_KPROBES / CONFIG_KPROBE_EVENTS not set
+    try:
+        with open("/proc/kallsyms", "rb") as f:
+            return any(line.rstrip().endswith(b" " + DATA_QUEUE_KPROBE.encode()) for line in f)
+    except OSError:
+        return False
+
+
+def check_host(settings: Settings, mount: bool = True) -> HostReport:
+    """Probes everything the tracer needs; mounts tracefs/debugfs if allowed."""
+    rep = HostReport()
+    add = rep.checks.append
+    root = os.geteuid() == 0
+    add(Check("root", root, "running as root" if root else f"running as uid {os.geteuid()}",
+              "run as root (sudo), or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN"))
+
+    lib = _libbpf()
+    if lib is None:
+        add(Check("libbpf", False, "libbpf.so.1 not found", "apt-get install libbpf1"))
+    else:
+        prog = lib.libbpf_probe_bpf_prog_type(BPF_PROG_TYPE_TRACEPOINT, None) == 1
+        add(Check("bpf()", prog, "bpf() syscall loads tracepoint programs" if prog
+                  else "bpf() cannot load a tracepoint program",
+                  "run as root on a kernel with CONFIG_BPF_SYSCALL=y and CONFIG_BPF_EVENTS=y"))
+        ring = lib.libbpf_probe_bpf_map_type(BPF_MAP_TYPE_RINGBUF, None) == 1
+        add(Check("ring buffer", ring, "BPF_MAP_TYPE_RINGBUF available" if ring else "no BPF ring buffer",
+                  "a kernel >= 5.8 is needed"))
+
+    tracefs = settings.tracefs_path
+    add(_check_fs("tracefs", "tracefs", tracefs, tracefs / "events", mount))
+    add(_check_fs("debugfs", "debugfs", settings.debugfs_path, settings.debugfs_path / "tracing", mount))
+
+    rep.kprobes = _kprobes_available(tracefs)
+    add(Check("kprobes", rep.kprobes,
+              f"kprobe on {DATA_QUEUE_KPROBE} available" if rep.kprobes
+              else f"no kprobes (CONFIG_KPROBES unset or {DATA_QUEUE_KPROBE} not in kallsyms); "
+                   "data-queue events use sock:sk_data_ready",
+              "none needed: the tracepoint fallback is used", required=False))
+    needed = list(BASE_TRACEPOINTS) + ([] if rep.kprobes else [DATA_QUEUE_TRACEPOINT])
+    missing = [f"{c}:{e}" for c, e in needed if not (tracefs / "events" / c / e / "format").exists()]
+    add(Check("tracepoints", not missing, "missing " + ", ".join(missing) if missing
+              else "all needed tracepoints present", "a kernel >= 6.1 with CONFIG_BPF_EVENTS=y is needed"))
+
+    try:
+        rep.defines = tracer_defines(settings.btf_path)
+        add(Check("BTF", True, f"{settings.btf_path}: {len(rep.defines)} offsets resolved"))
+    except BtfError as exc:
+        add(Check("BTF", False, str(exc), "use a kernel with CONFIG_DEBUG_INFO_BTF=y, "
+                  "or point CONN_TRACER_BTF_PATH at its BTF file"))
+
+    build = Path("/lib/modules") / os.uname().release / "build"
+    headers = build.exists() or bool(os.environ.get("BCC_KERNEL_SOURCE"))
+    add(Check("headers", headers, f"{build} present" if headers else f"no kernel header tree at {build}",
+              f"{SETUP_HINT}: it installs linux-headers-amd64 and links {build} to it"))
+    try:
+        import bcc  # noqa: F401
+
+        add(Check("bcc", True, "python bcc module imports"))
+    except ImportError:
+        add(Check("bcc", False, "python module bcc not importable",
+                  "apt-get install python3-bpfcc and use the .venv made with --system-site-packages"))
+    return rep
+
+
+def build_cflags(settings: Settings, rep: HostReport) -> list[str]:
+    """-D flags for tracer.c: BTF offsets, sizes, filters and mode."""
+    defs: dict[str, int] = dict(rep.defines)
+    defs.update(
+        EVENT_SIZE=RECORD.size,
+        RINGBUF_PAGES=settings.ringbuf_pages,
+        MAX_SOCKETS=settings.max_sockets,
+        DATA_QUEUE_INTERVAL_NS=int(settings.data_queue_interval_ms * 1_000_000),
+        FILTER_PORT=settings.filter_port,
+        FILTER_PID=settings.filter_pid,
+        FILTER_FAMILY=settings.filter_family or 0,
+    )
+    flags = [f"-D{k}={v}" for k, v in sorted(defs.items())]
+    if rep.kprobes:
+        flags.append("-DDATA_QUEUE_KPROBE")
+    if settings.state_events:
+        flags.append("-DSTATE_EVENTS")
+    return flags
+
+
+class Tracer:
+    """The compiled, attached BPF programs and their ring buffer."""
+
+    def __init__(self, settings: Settings, report: HostReport | None = None) -> None:
+        if settings.ringbuf_pages & (settings.ringbuf_pages - 1):
+            raise TracerError(f"ringbuf_pages must be a power of two, got {settings.ringbuf_pages}")
+        self.settings = settings
+        self.report = report or check_host(settings)
+        self._bpf: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
+        self._batch: list[bytes] = []
+        self._on_records: Callable[[list[bytes]], None] | None = None
+        self.compile_seconds = 0.0
+        self.callback_errors = 0
+
+    @property
+    def attach_mode(self) -> str:
+        return self.report.attach_mode
+
+    @property
+    def attached(self) -> bool:
+        return self._bpf is not None
+
+    @property
+    def reading(self) -> bool:
+        return self._fd >= 0
+
+    def open(self) -> None:
+        """Compiles tracer.c and attaches every program, or attaches none."""
+        if not self.report.ok:
+            raise TracerError(self.report.first_failure())
+        from bcc import BPF
+
+        class _ManualBPF(BPF):  # type: ignore[misc, valid-type]
+            # bcc attaches tracepoint__*/kprobe__* functions in its constructor and
+            # cannot undo a partial attach; we attach ourselves, one place, below.
+            def _trace_autoload(self) -> None:
+                pass
+
+        t0 = time.perf_counter()
+        try:
+            bpf = _ManualBPF(src_file=str(TRACER_C).encode(), cflags=build_cflags(self.settings, self.report))
+        except Exception as exc:
+            raise TracerError(f"bcc could not compile/load {TRACER_C.name}: {exc}; {SETUP_HINT}") from exc
+        self.compile_seconds = time.perf_counter() - t0
+        try:
+            tps = list(BASE_TRACEPOINTS) + ([] if self.report.kprobes else [DATA_QUEUE_TRACEPOINT])
+            for cat, ev in tps:
+                bpf.attach_tracepoint(tp=f"{cat}:{ev}".encode(), fn_name=f"tracepoint__{cat}__{ev}".encode())
+            if self.report.kprobes:
+                bpf.attach_kprobe(event=DATA_QUEUE_KPROBE.encode(), fn_name=b"kprobe__tcp_data_queue")
+            bpf["events"].open_ring_buffer(self._on_record)
+        except Exception as exc:
+            bpf.cleanup()
+            raise TracerError(f"attaching the tracer failed: {exc}") from exc
+        self._bpf = bpf
+
+    def _on_record(self, _ctx: object, data: int, size: int) -> int:
+        # Called from inside ring_buffer_consume(): copy out and defer the real work
+        # so it runs on a whole batch.
+        self._batch.append(ctypes.string_at(data, size))
+        return 0
+
+    def start_reading(self, loop: asyncio.AbstractEventLoop, on_records: Callable[[list[bytes]], None]) -> None:
+        """Feeds record batches to `on_records` whenever the ring buffer fd is readable."""
+        if self._bpf is None:
+            raise TracerError("tracer is not open")
+        self._on_records = on_records
+        self._loop = loop
+        self._fd = self._bpf["events"].map_fd
+        loop.add_reader(self._fd, self.drain)
+
+    def drain(self) -> int:
+        """Consumes everything in the ring buffer now; returns the number of records."""
+        if self._bpf is None:
+            return 0
+        self._bpf.ring_buffer_consume()
+        batch, self._batch = self._batch, []
+        if batch and self._on_records is not None:
+            try:
+                self._on_records(batch)
+            except Exception:
+                # One bad batch must not stop the reader (the fd callback would be lost).
+                self.callback_errors += 1
+                log.exception("event consumer failed on a batch of %d records", len(batch))
+        return len(batch)
+
+    def lost_kernel(self) -> int:
+        """Events the kernel could not put in the full ring buffer."""
+        if self._bpf is None:
+            return 0
+        return int(self._bpf["counters"][ctypes.c_int(1)].value)
+
+    def close(self) -> None:
+        """Stops reading and detaches every program. Safe to call twice."""
+        if self._loop is not None and self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+        self._fd = -1
+        self._loop = None
+        if self._bpf is not None:
+            bpf, self._bpf = self._bpf, None
+            bpf.cleanup()
+
+    def __enter__(self) -> Tracer:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

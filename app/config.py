@@ -1,0 +1,37 @@
+"""Every setting, with its default, in one place (flags and CONN_TRACER_* env vars)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Start-up settings; each bound's unit or limit is in its name."""
+
+    model_config = SettingsConfigDict(env_prefix="CONN_TRACER_")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # In-kernel filters (0 / None = off).
+    filter_port: int = Field(0, ge=0, le=65535)
+    filter_pid: int = Field(0, ge=0)
+    filter_family: Literal[4, 6] | None = None
+
+    # Kernel side.
+    data_queue_interval_ms: float = Field(100.0, ge=0)
+    state_events: bool = False
+    ringbuf_pages: int = Field(1024, ge=1, description="ring buffer size in pages; a power of two")
+    max_sockets: int = Field(65536, ge=16, description="LRU map of tracked sockets")
+    btf_path: Path = Path("/sys/kernel/btf/vmlinux")
+    tracefs_path: Path = Path("/sys/kernel/tracing")
+    debugfs_path: Path = Path("/sys/kernel/debug")
+
+    # User side bounds.
+    max_closed_connections: int = Field(10_000, ge=0)
+    replay_events: int = Field(100_000, ge=1)
+    subscriber_queue_events: int = Field(10_000, ge=1)

@@ -1,0 +1,88 @@
+"""Raw ring-buffer records -> Event models. Pure: no I/O, no kernel.
+
+RECORD mirrors `struct event` in app/bpf/tracer.c field for field; the loader
+passes RECORD.size to the compiler, whose static assert rejects any mismatch.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from datetime import UTC, datetime
+
+from app.models import TCP_STATES, Event
+
+# ts_ns conn_id start_ns bytes_sent bytes_received | pid netns | saddr daddr |
+# sport dport | family type role state oldstate flags pad[2] | comm | tail padding
+RECORD = struct.Struct("<QQQQQII16s16sHHBBBBBB2x16s4x")  # 4x: C pads to 8
+
+EVENT_TYPE_NAMES: dict[int, str] = {
+    1: "syn_sent",
+    2: "syn_recv",
+    3: "established",
+    4: "data_queue",
+    5: "close",
+    6: "state_change",
+}
+ROLE_NAMES = ("client", "server")
+FLAG_FIN_RECEIVED = 1
+
+
+class DecodeError(ValueError):
+    """A record that is not a valid event."""
+
+
+def conn_id_str(kernel_id: int) -> str:
+    """The public id of a connection numbered by the kernel."""
+    return f"c{kernel_id}"
+
+
+class Decoder:
+    """Turns records into Events; `wall_offset_ns` maps CLOCK_MONOTONIC to UTC."""
+
+    def __init__(self, wall_offset_ns: int) -> None:
+        self.wall_offset_ns = wall_offset_ns
+
+    def decode(self, raw: bytes) -> Event:
+        if len(raw) < RECORD.size:
+            raise DecodeError(f"record of {len(raw)} bytes, expected {RECORD.size}")
+        (ts_ns, conn_id, _start_ns, bytes_sent, bytes_received, pid, netns, saddr, daddr, sport, dport,
+         family, type_, role, state, _oldstate, flags, comm) = RECORD.unpack_from(raw)
+        try:
+            type_name = EVENT_TYPE_NAMES[type_]
+            role_name = ROLE_NAMES[role]
+            state_name = TCP_STATES[state]
+        except (KeyError, IndexError) as exc:
+            raise DecodeError(f"unknown type/role/state {type_}/{role}/{state}") from exc
+        if family == 4:
+            af, alen, family_name = socket.AF_INET, 4, "ipv4"
+        elif family == 6:
+            af, alen, family_name = socket.AF_INET6, 16, "ipv6"
+        else:
+            raise DecodeError(f"unknown family {family}")
+        # tcp_sock.bytes_received advances with rcv_nxt, and a received FIN takes one
+        # sequence number: it is not payload (KERNEL.md).
+        if flags & FLAG_FIN_RECEIVED and bytes_received > 0:
+            bytes_received -= 1
+        wall = (ts_ns + self.wall_offset_ns) / 1e9
+        # model_construct: the record comes from our own kernel code and was checked
+        # above; full validation per event costs more than the rest of the path.
+        return Event.model_construct(
+            seq=0,
+            type=type_name,
+            ts=datetime.fromtimestamp(wall, UTC),
+            ts_ns=ts_ns,
+            conn_id=conn_id_str(conn_id),
+            family=family_name,
+            role=role_name,
+            state=state_name,
+            src_addr=socket.inet_ntop(af, saddr[:alen]),
+            src_port=sport,
+            dst_addr=socket.inet_ntop(af, daddr[:alen]),
+            dst_port=dport,
+            pid=pid or None,
+            comm=comm.split(b"\0", 1)[0].decode(errors="replace") if pid else None,
+            bytes_sent=bytes_sent,
+            bytes_received=bytes_received,
+            netns=netns,
+        )
