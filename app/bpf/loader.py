@@ -241,7 +241,7 @@ class Tracer:
                 bpf.attach_tracepoint(tp=f"{cat}:{ev}".encode(), fn_name=f"tracepoint__{cat}__{ev}".encode())
             if self.report.kprobes:
                 bpf.attach_kprobe(event=DATA_QUEUE_KPROBE.encode(), fn_name=b"kprobe__tcp_data_queue")
-            bpf["events"].open_ring_buffer(self._on_record)
+            bpf[b"events"].open_ring_buffer(self._on_record)
         except Exception as exc:
             bpf.cleanup()
             raise TracerError(f"attaching the tracer failed: {exc}") from exc
@@ -259,7 +259,7 @@ class Tracer:
             raise TracerError("tracer is not open")
         self._on_records = on_records
         self._loop = loop
-        self._fd = self._bpf["events"].map_fd
+        self._fd = self._bpf[b"events"].map_fd
         loop.add_reader(self._fd, self.drain)
 
     def drain(self) -> int:
@@ -281,7 +281,7 @@ class Tracer:
         """Events the kernel could not put in the full ring buffer."""
         if self._bpf is None:
             return 0
-        return int(self._bpf["counters"][ctypes.c_int(1)].value)
+        return int(self._bpf[b"counters"][ctypes.c_int(1)].value)
 
     def close(self) -> None:
         """Stops reading and detaches every program. Safe to call twice."""

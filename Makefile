@@ -1,0 +1,31 @@
+# conn-tracer: run everything as root on a Debian 12 host.
+.PHONY: setup setup-test serve trace check test lint bench bench-quick
+
+setup:
+	bash scripts/setup.sh
+
+setup-test:
+	bash scripts/setup.sh --test
+
+serve: setup
+	.venv/bin/conn-tracer serve
+
+trace: setup
+	.venv/bin/conn-tracer trace
+
+check: setup
+	.venv/bin/conn-tracer check
+
+test: setup-test
+	.venv/bin/ruff check app tests bench
+	.venv/bin/python -m pytest
+
+lint:
+	.venv/bin/ruff check app tests bench
+	.venv/bin/mypy
+
+bench: setup-test
+	.venv/bin/python bench/run.py
+
+bench-quick: setup-test
+	.venv/bin/python bench/run.py --quick

@@ -1,0 +1,121 @@
+"""Small predicates, one per query dimension, built once and combined.
+
+Predicates read attributes only (`src_port`, `dst_port`, `pid`, `family`, `role`,
+`type`), so the same filter applies to Events, hub items and table records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from app.models import EVENT_TYPES
+
+Predicate = Callable[[Any], bool]
+
+FAMILIES = ("ipv4", "ipv6")
+ROLES = ("client", "server")
+STATES = ("open", "closed", "all")
+
+
+class FilterError(ValueError):
+    """A bad filter value; `param` names the query parameter."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"invalid {param}: {message}")
+        self.param = param
+
+
+def port_is(port: int) -> Predicate:
+    return lambda x: x.src_port == port or x.dst_port == port
+
+
+def pid_is(pid: int) -> Predicate:
+    return lambda x: x.pid == pid
+
+
+def family_is(family: str) -> Predicate:
+    return lambda x: x.family == family
+
+
+def role_is(role: str) -> Predicate:
+    return lambda x: x.role == role
+
+
+def type_in(types: Iterable[str]) -> Predicate:
+    wanted = frozenset(types)
+    return lambda x: x.type in wanted
+
+
+def combine(preds: list[Predicate]) -> Predicate | None:
+    """None means "everything matches", which callers skip cheaply."""
+    if not preds:
+        return None
+    if len(preds) == 1:
+        return preds[0]
+    ps = tuple(preds)
+    return lambda x: all(p(x) for p in ps)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Filter values, already validated; `predicate()` builds the combined test once."""
+
+    port: int | None = None
+    pid: int | None = None
+    family: str | None = None
+    role: str | None = None
+    types: frozenset[str] | None = None
+
+    def predicate(self) -> Predicate | None:
+        preds: list[Predicate] = []
+        if self.port is not None:
+            preds.append(port_is(self.port))
+        if self.pid is not None:
+            preds.append(pid_is(self.pid))
+        if self.family is not None:
+            preds.append(family_is(self.family))
+        if self.role is not None:
+            preds.append(role_is(self.role))
+        if self.types is not None:
+            preds.append(type_in(self.types))
+        return combine(preds)
+
+
+def _int(param: str, raw: str, lo: int, hi: int) -> int:
+    try:
+        n = int(raw)
+    except ValueError:
+        raise FilterError(param, f"{raw!r} is not an integer") from None
+    if not lo <= n <= hi:
+        raise FilterError(param, f"{n} is not in {lo}..{hi}")
+    return n
+
+
+def _choice(param: str, raw: str, choices: tuple[str, ...]) -> str:
+    if raw not in choices:
+        raise FilterError(param, f"{raw!r} is not one of {', '.join(choices)}")
+    return raw
+
+
+def parse_filter(params: dict[str, str]) -> tuple[Filter, int | None]:
+    """Validates raw query parameters (WebSocket); returns the filter and `after`. Raises FilterError."""
+    known = {"port", "pid", "family", "role", "type", "after"}
+    for k in params:
+        if k not in known:
+            raise FilterError(k, f"unknown parameter; expected one of {', '.join(sorted(known))}")
+    port = _int("port", params["port"], 1, 65535) if "port" in params else None
+    pid = _int("pid", params["pid"], 1, 2**31 - 1) if "pid" in params else None
+    family = _choice("family", params["family"], FAMILIES) if "family" in params else None
+    role = _choice("role", params["role"], ROLES) if "role" in params else None
+    types = None
+    if "type" in params:
+        parts = [t.strip() for t in params["type"].split(",") if t.strip()]
+        if not parts:
+            raise FilterError("type", "empty list")
+        for t in parts:
+            _choice("type", t, EVENT_TYPES)
+        types = frozenset(parts)
+    after = _int("after", params["after"], 0, 2**63 - 1) if "after" in params else None
+    return Filter(port, pid, family, role, types), after

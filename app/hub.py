@@ -1,0 +1,169 @@
+"""EventHub: sequence numbers, the bounded replay buffer, bounded per-subscriber queues.
+
+Single-threaded asyncio is the concurrency rule: publish() runs synchronously in the
+ring-buffer reader callback and never awaits, so subscribe() can snapshot the replay
+buffer and register in one step with no event slipping between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections import deque
+from collections.abc import Iterable
+
+from app.filters import Predicate
+from app.models import EVENT_TYPES, Event
+
+
+class HubItem:
+    """One published event: its JSON (serialised once) plus the fields filters look at."""
+
+    __slots__ = ("seq", "json", "type", "family", "role", "src_port", "dst_port", "pid")
+
+    def __init__(self, seq: int, js: str, ev: Event) -> None:
+        self.seq = seq
+        self.json = js
+        self.type = ev.type
+        self.family = ev.family
+        self.role = ev.role
+        self.src_port = ev.src_port
+        self.dst_port = ev.dst_port
+        self.pid = ev.pid
+
+
+class Subscriber:
+    """A bounded queue of items for one consumer; overflow drops the oldest undelivered."""
+
+    def __init__(self, hub: EventHub, pred: Predicate | None, maxlen: int, backlog: list[HubItem],
+                 overwritten: int) -> None:
+        self.hub = hub
+        self.pred = pred
+        self.maxlen = maxlen
+        self.queue: deque[HubItem] = deque(maxlen=maxlen)
+        # Replay items (resume) are sent before the live queue; they are already held by
+        # the replay buffer, so keeping them apart costs no extra bound.
+        self.backlog = backlog
+        self.overwritten = overwritten
+        self.dropped_pending = 0
+        self.dropped_total = 0
+        self.delivered = 0
+        self.closed = False
+        self._wake = asyncio.Event()
+        if backlog or overwritten:
+            self._wake.set()
+
+    def offer(self, item: HubItem) -> None:
+        """Called by publish(); O(1), never blocks."""
+        q = self.queue
+        if len(q) == self.maxlen:
+            # deque(maxlen) discards the oldest on append; count it.
+            self.dropped_pending += 1
+            self.dropped_total += 1
+            self.hub.dropped_subscribers += 1
+        q.append(item)
+        self._wake.set()
+
+    def take(self) -> list[str]:
+        """Everything deliverable now, as JSON texts, control messages first."""
+        out: list[str] = []
+        if self.overwritten:
+            n, self.overwritten = self.overwritten, 0
+            out.append(json.dumps({"type": "overwritten", "count": n,
+                                   "message": f"{n} events after the requested seq are no longer "
+                                              "in the replay buffer"}))
+        if self.backlog:
+            out.extend(i.json for i in self.backlog)
+            self.backlog = []
+        if self.dropped_pending:
+            # The dropped ones were older than everything still queued: say so before those.
+            out.append(json.dumps({"type": "dropped", "count": self.dropped_pending}))
+            self.dropped_pending = 0
+        q = self.queue
+        out.extend(i.json for i in q)
+        q.clear()
+        self._wake.clear()
+        self.delivered += len(out)
+        return out
+
+    async def next_batch(self) -> list[str]:
+        """Waits until something is deliverable, then takes it; [] once closed."""
+        while not self.closed:
+            await self._wake.wait()
+            batch = self.take()
+            if batch:
+                return batch
+        return []
+
+    def close(self) -> None:
+        self.hub.unsubscribe(self)
+
+
+class EventHub:
+    """Assigns seq, keeps the last `replay_events`, fans out to subscribers."""
+
+    def __init__(self, replay_events: int = 100_000, subscriber_queue_events: int = 10_000) -> None:
+        self.replay: deque[HubItem] = deque(maxlen=replay_events)
+        self.queue_events = subscriber_queue_events
+        self.seq = 0
+        self.counts: dict[str, int] = dict.fromkeys(EVENT_TYPES, 0)
+        self.dropped_subscribers = 0
+        self.subscribers: list[Subscriber] = []
+
+    def publish(self, ev: Event) -> HubItem:
+        """Numbers, serialises (once) and fans out one event; synchronous, O(subscribers)."""
+        self.seq += 1
+        ev.seq = self.seq
+        item = HubItem(self.seq, ev.model_dump_json(), ev)
+        self.replay.append(item)
+        t = ev.type
+        self.counts[t] = self.counts.get(t, 0) + 1
+        for s in self.subscribers:
+            if s.pred is None or s.pred(item):
+                s.offer(item)
+        return item
+
+    def publish_many(self, events: Iterable[Event]) -> None:
+        for ev in events:
+            self.publish(ev)
+
+    @property
+    def first_seq(self) -> int:
+        """Seq of the oldest event still held (seq + 1 if none)."""
+        return self.replay[0].seq if self.replay else self.seq + 1
+
+    def since(self, after: int) -> tuple[list[HubItem], int]:
+        """Items with seq > after still held, and how many after `after` were overwritten."""
+        first = self.first_seq
+        overwritten = max(0, first - 1 - after)
+        if after >= self.seq:
+            return [], 0
+        # The replay buffer holds consecutive seqs, so the start index is arithmetic.
+        start = max(0, after + 1 - first)
+        return list(itertools.islice(self.replay, start, None)), overwritten
+
+    def subscribe(self, pred: Predicate | None = None, after: int | None = None) -> Subscriber:
+        """Registers a subscriber; with `after`, held events after it come first (no gap, no dup)."""
+        backlog: list[HubItem] = []
+        overwritten = 0
+        if after is not None:
+            items, overwritten = self.since(after)
+            backlog = [i for i in items if pred(i)] if pred is not None else items
+        # Same synchronous step as the snapshot: nothing can be published in between.
+        sub = Subscriber(self, pred, self.queue_events, backlog, overwritten)
+        self.subscribers.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        sub.closed = True
+        sub._wake.set()
+        if sub in self.subscribers:
+            self.subscribers.remove(sub)
+
+    def events_after(self, after: int, limit: int) -> list[HubItem]:
+        """Oldest first, for GET /events."""
+        if after >= self.seq or limit <= 0:
+            return []
+        start = max(0, after + 1 - self.first_seq)
+        return list(itertools.islice(self.replay, start, start + limit))

@@ -1,0 +1,30 @@
+"""Shared test set-up: BPF tests are mandatory where CONN_TRACER_REQUIRE_BPF=1 (CI)."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import pytest
+
+from app.bpf.loader import check_host
+from app.config import Settings
+
+
+@cache
+def bpf_unavailable_reason() -> str:
+    """Empty if this host can run the tracer, else what is missing."""
+    rep = check_host(Settings())
+    return "" if rep.ok else rep.first_failure()
+
+
+@pytest.fixture(autouse=True)
+def _require_bpf(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("bpf") is None:
+        return
+    reason = bpf_unavailable_reason()
+    if not reason:
+        return
+    if os.environ.get("CONN_TRACER_REQUIRE_BPF") == "1":
+        pytest.fail(f"BPF is required here (CONN_TRACER_REQUIRE_BPF=1) but unavailable: {reason}")
+    pytest.skip(f"BPF unavailable: {reason}")

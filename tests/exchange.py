@@ -1,0 +1,120 @@
+"""Real TCP exchanges for tests: a server and a client process, optionally in network namespaces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from tests.netns import VethPair
+
+SERVER = r"""
+import json, os, socket, sys
+host, a, b, server_closes_first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+ls = socket.socket(fam, socket.SOCK_STREAM)
+ls.bind((host, 0))
+ls.listen(8)
+print(json.dumps({"pid": os.getpid(), "port": ls.getsockname()[1]}), flush=True)
+c, peer = ls.accept()
+got = 0
+while got < a:
+    d = c.recv(65536)
+    if not d:
+        break
+    got += len(d)
+c.sendall(b"y" * b)
+if not server_closes_first:
+    while c.recv(65536):
+        pass
+c.close()
+ls.close()
+print(json.dumps({"received": got, "peer_port": peer[1]}), flush=True)
+"""
+
+CLIENT = r"""
+import json, os, socket, sys
+host, server_closes_first = sys.argv[1], sys.argv[5] == "1"
+port, a, b = (int(x) for x in sys.argv[2:5])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.connect((host, port))
+local = s.getsockname()
+s.sendall(b"x" * a)
+got = 0
+if server_closes_first:
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        got += len(d)
+else:
+    while got < b:
+        d = s.recv(65536)
+        if not d:
+            break
+        got += len(d)
+s.close()
+print(json.dumps({"pid": os.getpid(), "addr": local[0], "port": local[1], "received": got}), flush=True)
+"""
+
+
+@dataclass
+class Exchange:
+    """What really happened: both ends' pids, addresses and ports, bytes each way."""
+
+    server_pid: int
+    server_addr: str
+    server_port: int
+    client_pid: int
+    client_addr: str
+    client_port: int
+    sent_by_client: int
+    sent_by_server: int
+
+
+def _spawn(net: VethPair | None, ns: str | None, code: str, *args: object) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-c", code, *map(str, args)]
+    if net is not None and ns is not None:
+        return net.run_in(ns, argv)
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _line(p: subprocess.Popen[str]) -> dict[str, object]:
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    if not line:
+        raise RuntimeError(f"peer exited without output: {p.stderr.read() if p.stderr else ''}")
+    return json.loads(line)  # type: ignore[no-any-return]
+
+
+def run_exchange(server_addr: str, a: int, b: int, *, net: VethPair | None = None,
+                 client_ns: str | None = None, server_ns: str | None = None,
+                 server_closes_first: bool = True, timeout: float = 20) -> Exchange:
+    """Client sends `a` bytes, server answers `b`, both close; returns the facts."""
+    first = "1" if server_closes_first else "0"
+    srv = _spawn(net, server_ns, SERVER, server_addr, a, b, first)
+    try:
+        hello = _line(srv)
+        cli = _spawn(net, client_ns, CLIENT, server_addr, hello["port"], a, b, first)
+        out, err = cli.communicate(timeout=timeout)
+        if cli.returncode != 0:
+            raise RuntimeError(f"client failed: {err}")
+        c = json.loads(out.splitlines()[-1])
+        done = _line(srv)
+        srv.wait(timeout=timeout)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
+        for f in (srv.stdin, srv.stdout, srv.stderr):
+            if f is not None:
+                f.close()
+    assert done["received"] == a and c["received"] == b, (done, c)
+    return Exchange(
+        server_pid=int(hello["pid"]), server_addr=server_addr, server_port=int(hello["port"]),
+        client_pid=int(c["pid"]), client_addr=str(c["addr"]), client_port=int(c["port"]),
+        sent_by_client=a, sent_by_server=b,
+    )
