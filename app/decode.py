@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import struct
 from datetime import UTC, datetime
+from typing import Any
 
 from app.models import TCP_STATES, Event
 
@@ -42,6 +43,7 @@ class Decoder:
 
     def __init__(self, wall_offset_ns: int) -> None:
         self.wall_offset_ns = wall_offset_ns
+        self._comms: dict[bytes, str] = {}
 
     def decode(self, raw: bytes) -> Event:
         if len(raw) < RECORD.size:
@@ -65,24 +67,48 @@ class Decoder:
         if flags & FLAG_FIN_RECEIVED and bytes_received > 0:
             bytes_received -= 1
         wall = (ts_ns + self.wall_offset_ns) / 1e9
-        # model_construct: the record comes from our own kernel code and was checked
-        # above; full validation per event costs more than the rest of the path.
-        return Event.model_construct(
-            seq=0,
-            type=type_name,
-            ts=datetime.fromtimestamp(wall, UTC),
-            ts_ns=ts_ns,
-            conn_id=conn_id_str(conn_id),
-            family=family_name,
-            role=role_name,
-            state=state_name,
-            src_addr=socket.inet_ntop(af, saddr[:alen]),
-            src_port=sport,
-            dst_addr=socket.inet_ntop(af, daddr[:alen]),
-            dst_port=dport,
-            pid=pid or None,
-            comm=comm.split(b"\0", 1)[0].decode(errors="replace") if pid else None,
-            bytes_sent=bytes_sent,
-            bytes_received=bytes_received,
-            netns=netns,
-        )
+        return _trusted_event({
+            "seq": 0,
+            "type": type_name,
+            "ts": datetime.fromtimestamp(wall, UTC),
+            "ts_ns": ts_ns,
+            "conn_id": conn_id_str(conn_id),
+            "family": family_name,
+            "role": role_name,
+            "state": state_name,
+            "src_addr": socket.inet_ntop(af, saddr[:alen]),
+            "src_port": sport,
+            "dst_addr": socket.inet_ntop(af, daddr[:alen]),
+            "dst_port": dport,
+            "pid": pid or None,
+            "comm": self._comm(comm) if pid else None,
+            "bytes_sent": bytes_sent,
+            "bytes_received": bytes_received,
+            "netns": netns,
+        })
+
+    def _comm(self, raw: bytes) -> str:
+        name = self._comms.get(raw)
+        if name is None:
+            if len(self._comms) >= 4096:   # bound the cache; process names repeat a lot
+                self._comms.clear()
+            name = self._comms[raw] = raw.split(b"\0", 1)[0].decode(errors="replace")
+        return name
+
+
+_new_event = Event.__new__
+_set = object.__setattr__
+
+
+def _trusted_event(fields: dict[str, Any]) -> Event:
+    """An Event from fields this module has already checked, without validation.
+
+    What Event.model_construct does, minus its per-field default handling: a
+    decoded record always has every field, and this path runs once per event.
+    """
+    ev = _new_event(Event)
+    _set(ev, "__dict__", fields)
+    _set(ev, "__pydantic_fields_set__", set(fields))
+    _set(ev, "__pydantic_extra__", None)
+    _set(ev, "__pydantic_private__", None)
+    return ev

@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from app.decode import RECORD, DecodeError, Decoder
+from app.models import Event
 
 
 def record(**over: object) -> bytes:
@@ -60,3 +61,11 @@ def test_timestamp_is_kernel_time_plus_offset() -> None:
 def test_bad_records_raise_decode_error(raw: bytes, msg: str) -> None:
     with pytest.raises(DecodeError, match=msg):
         Decoder(0).decode(raw)
+
+
+def test_decoded_event_is_a_valid_event() -> None:
+    # The decoder skips validation for speed; what it builds must still validate.
+    ev = Decoder(0).decode(record(flags=1, type=5, state=7))
+    assert Event.model_validate(ev.model_dump()) == ev
+    ev.seq = 9
+    assert Event.model_validate_json(ev.model_dump_json()).seq == 9
