@@ -35,3 +35,11 @@ class Settings(BaseSettings):
     max_closed_connections: int = Field(10_000, ge=0)
     replay_events: int = Field(100_000, ge=1)
     subscriber_queue_events: int = Field(10_000, ge=1)
+    max_open_connections: int = Field(262_144, ge=1, description="bounds the table if close events are lost")
+
+    # Connections open before start-up, from sock_diag; polled to notice them closing (0 = never).
+    preexisting: bool = True
+    preexisting_refresh_s: float = Field(5.0, ge=0)
+
+    # The dashboard's static files; None = the web/ folder next to the app package.
+    web_dir: Path | None = None

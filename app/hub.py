@@ -50,6 +50,7 @@ class Subscriber:
         self.dropped_total = 0
         self.delivered = 0
         self.closed = False
+        self.close_code: int | None = None  # set when the service asks it to go away
         self._wake = asyncio.Event()
         if backlog or overwritten:
             self._wake.set()

@@ -90,6 +90,9 @@ class ConnectionTable:
         self._closed: OrderedDict[str, ConnRecord] = OrderedDict()
         self.evicted_closed = 0
         self.evicted_open = 0
+        # 4-tuple -> id of connections read from sock_diag at start-up, to drop such an entry if
+        # the kernel reports the same socket too (it was opening while we attached).
+        self._pre_keys: dict[tuple[Any, ...], str] = {}
 
     def apply(self, ev: Event) -> None:
         """Creates or updates the connection of `ev`; hot path."""
@@ -100,6 +103,8 @@ class ConnectionTable:
             c = self._closed.get(cid)
             if c is None:
                 c = record_from_event(ev)
+                if self._pre_keys:
+                    self._drop_preexisting_twin(c)
                 op[cid] = c
                 if len(op) > self.max_open:
                     op.popitem(last=False)
@@ -142,17 +147,51 @@ class ConnectionTable:
             cl.popitem(last=False)
             self.evicted_closed += 1
 
-    def add_preexisting(self, records: Iterable[ConnRecord]) -> int:
-        """Adds connections found open at start-up (sockdiag); returns how many."""
+    @staticmethod
+    def key(c: ConnRecord) -> tuple[Any, ...]:
+        return (c.netns, c.family, c.src_addr, c.src_port, c.dst_addr, c.dst_port)
+
+    def _drop_preexisting_twin(self, c: ConnRecord) -> None:
+        pid = self._pre_keys.pop(self.key(c), None)
+        if pid is not None:
+            twin = self._open.pop(pid, None)
+            if twin is not None and c.pid is None:
+                c.pid, c.comm = twin.pid, twin.comm
+
+    def add_preexisting(self, items: Iterable[tuple[tuple[Any, ...], ConnRecord]]) -> int:
+        """Adds connections found open at start-up (sockdiag), unless the kernel reported them; returns how many."""
+        known = {self.key(c) for c in self._open.values()}
         n = 0
-        for c in records:
+        for key, c in items:
+            if key in known:
+                continue
             self._open[c.id] = c
+            self._pre_keys[key] = c.id
             n += 1
         return n
 
-    def close_preexisting(self, alive_ids: set[str], now: datetime | None = None) -> int:
-        """Marks preexisting connections no longer in a fresh dump as closed; returns how many."""
-        gone = [c for c in self._open.values() if c.preexisting and c.id not in alive_ids]
+    def refresh_preexisting(self, alive: dict[tuple[Any, ...], ConnRecord]) -> int:
+        """Updates preexisting connections from a fresh dump (by key); closes the gone ones."""
+        gone: set[str] = set()
+        for key, cid in list(self._pre_keys.items()):
+            c = self._open.get(cid)
+            if c is None:
+                del self._pre_keys[key]
+                continue
+            fresh = alive.get(key)
+            if fresh is None:
+                gone.add(cid)
+                del self._pre_keys[key]
+            elif (fresh.bytes_sent, fresh.bytes_received, fresh.state) != (c.bytes_sent, c.bytes_received, c.state):
+                c.bytes_sent, c.bytes_received, c.state = fresh.bytes_sent, fresh.bytes_received, fresh.state
+                c.last_ns = fresh.last_ns
+                c.pid, c.comm = fresh.pid or c.pid, fresh.comm or c.comm
+                self._open.move_to_end(cid)
+        return self.close_preexisting(gone)
+
+    def close_preexisting(self, ids: set[str], now: datetime | None = None) -> int:
+        """Marks these preexisting connections closed (gone from sock_diag); returns how many."""
+        gone = [c for c in self._open.values() if c.preexisting and c.id in ids]
         now = now or datetime.now(UTC)
         now_ns = time.monotonic_ns()
         for c in gone:
@@ -164,8 +203,9 @@ class ConnectionTable:
             self._add_closed(c)
         return len(gone)
 
-    def preexisting_open(self) -> dict[str, ConnRecord]:
-        return {c.id: c for c in self._open.values() if c.preexisting}
+    @property
+    def preexisting_count(self) -> int:
+        return len(self._pre_keys)
 
     @property
     def open_count(self) -> int:

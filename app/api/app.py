@@ -1,0 +1,63 @@
+"""The app factory: routers, the lifespan that owns the tracer, validation messages."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from app.api.core import Core, TracerFactory, default_tracer_factory
+from app.api.metrics import make_registry
+from app.api.routes import connections, events, status, web, ws
+from app.config import Settings
+
+DEFAULT_WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """One line naming the bad parameter(s), e.g. "invalid query parameter port: ..."."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ())]
+        where = f"{loc[0]} parameter {'.'.join(loc[1:])}" if len(loc) > 1 else ".".join(loc)
+        parts.append(f"invalid {where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # Keep FastAPI's `detail` (loc names the parameter) and add a readable one-line message.
+    return JSONResponse({"detail": exc.errors(), "message": validation_message(exc)}, status_code=422)
+
+
+def create_app(settings: Settings | None = None, tracer_factory: TracerFactory = default_tracer_factory) -> FastAPI:
+    """Builds the app; the lifespan opens the tracer at start-up and closes it at shutdown."""
+    settings = settings or Settings.model_validate({})
+    core = Core(settings, tracer_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await core.start()
+        try:
+            yield
+        finally:
+            await core.close_websockets(1001)
+            core.stop()
+
+    app = FastAPI(title="conn-tracer", version="0.1.0", lifespan=lifespan,
+                  description="Every TCP connection on this host, from eBPF: connections, events, stats.")
+    app.state.core = core
+    core.registry = make_registry(core)
+    web_dir = settings.web_dir or DEFAULT_WEB_DIR
+    app.state.web_dir = web_dir
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    for r in (connections.router, events.router, status.router, ws.router, web.router):
+        app.include_router(r)
+    if web_dir.is_dir():
+        app.mount("/static", StaticFiles(directory=web_dir), name="static")
+    return app

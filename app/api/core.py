@@ -1,0 +1,150 @@
+"""What one running service holds: settings, tracer, table, hub, pipeline, open WebSockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from app import sockdiag
+from app.config import Settings
+from app.hub import EventHub
+from app.pipeline import Pipeline
+from app.table import ConnectionTable
+
+log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    """What the API needs from a tracer (app.bpf.loader.Tracer, or a fake in tests)."""
+
+    @property
+    def attach_mode(self) -> str: ...
+
+    @property
+    def attached(self) -> bool: ...
+
+    @property
+    def reading(self) -> bool: ...
+
+    def open(self) -> None: ...
+
+    def start_reading(self, loop: asyncio.AbstractEventLoop, on_records: Callable[[list[bytes]], None]) -> None: ...
+
+    def drain(self) -> int: ...
+
+    def lost_kernel(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+TracerFactory = Callable[[Settings], Source]
+
+
+def default_tracer_factory(settings: Settings) -> Source:
+    from app.bpf.loader import Tracer  # only here: the API itself never imports bcc
+
+    return Tracer(settings)
+
+
+class Core:
+    """Owns the components; the FastAPI lifespan drives start() and stop()."""
+
+    def __init__(self, settings: Settings, tracer_factory: TracerFactory) -> None:
+        self.settings = settings
+        self.tracer_factory = tracer_factory
+        self.tracer: Source | None = None
+        self.table = ConnectionTable(settings.max_closed_connections, settings.max_open_connections)
+        self.hub = EventHub(settings.replay_events, settings.subscriber_queue_events)
+        self.pipeline = Pipeline(self.table, self.hub)
+        self.started_mono = time.monotonic()
+        self.websockets: set[Any] = set()
+        self.shutting_down = False
+        self._refresh_task: asyncio.Task[None] | None = None
+        self.registry: Any = None  # set by create_app
+        self.start_error: BaseException | None = None
+
+    @property
+    def attach_mode(self) -> str:
+        return self.tracer.attach_mode if self.tracer is not None else "detached"
+
+    def lost_kernel(self) -> int:
+        return self.tracer.lost_kernel() if self.tracer is not None else 0
+
+    def healthy(self) -> tuple[bool, str | None]:
+        t = self.tracer
+        if t is None or not t.attached:
+            return False, "tracer not attached"
+        if not t.reading:
+            return False, "tracer not reading"
+        return True, None
+
+    async def start(self) -> None:
+        """Open (compile+attach), load preexisting connections, start reading; undo on failure."""
+        loop = asyncio.get_running_loop()
+        try:
+            tracer = self.tracer_factory(self.settings)
+            tracer.open()
+        except Exception as exc:
+            self.start_error = exc
+            raise
+        self.tracer = tracer
+        try:
+            # After attach, so a connection opening meanwhile is either in the dump or seen by the
+            # kernel (the table drops the sock_diag twin then); never missed.
+            if self.settings.preexisting:
+                self._load_preexisting()
+            tracer.start_reading(loop, self.pipeline.on_records)
+        except BaseException as exc:
+            self.start_error = exc
+            self.tracer = None
+            tracer.close()
+            raise
+        if self.settings.preexisting and self.settings.preexisting_refresh_s > 0:
+            self._refresh_task = asyncio.create_task(self._refresh_loop())
+
+    def _load_preexisting(self) -> None:
+        try:
+            socks = sockdiag.dump()
+            owners = sockdiag.socket_owners()
+        except OSError as exc:
+            log.warning("sock_diag dump failed, preexisting connections not loaded: %s", exc)
+            return
+        n = self.table.add_preexisting(sockdiag.preexisting(socks, owners))
+        self._pre_next = n + 1
+        log.info("%d preexisting connections from sock_diag", n)
+
+    async def _refresh_loop(self) -> None:
+        # sock_diag has no events: poll it, slowly, to notice preexisting connections closing.
+        while self.table.preexisting_count:
+            await asyncio.sleep(self.settings.preexisting_refresh_s)
+            try:
+                socks = await asyncio.to_thread(sockdiag.dump)
+            except OSError as exc:
+                log.warning("sock_diag refresh failed: %s", exc)
+                continue
+            alive = dict(sockdiag.preexisting(socks, {}))
+            self.table.refresh_preexisting(alive)
+
+    async def close_websockets(self, code: int = 1001, timeout_s: float = 3.0) -> None:
+        """Asks every WebSocket handler to close with `code`, waits (bounded) until they have."""
+        self.shutting_down = True
+        for sub in list(self.hub.subscribers):
+            sub.close_code = code
+            sub.close()
+        deadline = time.monotonic() + timeout_s
+        while self.websockets and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    def stop(self) -> None:
+        """Detach everything (safe twice)."""
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            self._refresh_task = None
+        if self.tracer is not None:
+            try:
+                self.tracer.drain()
+            finally:
+                self.tracer.close()

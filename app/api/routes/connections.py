@@ -1,0 +1,43 @@
+"""GET /connections, GET /connections/{id}."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query
+
+from app.api.deps import CoreDep
+from app.filters import Filter
+from app.models import Connection
+
+router = APIRouter(tags=["connections"])
+
+PortQ = Annotated[int | None, Query(ge=1, le=65535, description="local or remote port")]
+PidQ = Annotated[int | None, Query(ge=1, le=2**31 - 1, description="owning process id")]
+FamilyQ = Annotated[Literal["ipv4", "ipv6"] | None, Query(description="address family")]
+RoleQ = Annotated[Literal["client", "server"] | None, Query(description="client = active open")]
+
+
+@router.get("/connections", response_model=list[Connection])
+def list_connections(
+    core: CoreDep,
+    state: Annotated[Literal["open", "closed", "all"], Query(description="open, closed or all")] = "all",
+    port: PortQ = None,
+    pid: PidQ = None,
+    family: FamilyQ = None,
+    role: RoleQ = None,
+    limit: Annotated[int, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,
+) -> list[Connection]:
+    """Connections, newest activity first; closed ones while held in the bounded history."""
+    pred = Filter(port=port, pid=pid, family=family, role=role).predicate()
+    return core.table.query(state, pred, limit)
+
+
+@router.get("/connections/{conn_id}", response_model=Connection,
+            responses={404: {"description": "no such connection (never seen, or evicted from history)"}})
+def get_connection(core: CoreDep, conn_id: str) -> Connection:
+    """One connection by id."""
+    c = core.table.get(conn_id)
+    if c is None:
+        raise HTTPException(404, f"no connection {conn_id!r}")
+    return c

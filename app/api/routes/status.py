@@ -1,0 +1,50 @@
+"""GET /stats, GET /healthz, GET /metrics."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.deps import CoreDep
+from app.api.schemas import Health, Stats
+
+router = APIRouter(tags=["status"])
+
+
+@router.get("/stats", response_model=Stats)
+def stats(core: CoreDep) -> Stats:
+    """Counters since start, losses per place they happen."""
+    hub, table = core.hub, core.table
+    return Stats(
+        events=dict(hub.counts),
+        lost_kernel=core.lost_kernel(),
+        dropped_subscribers=hub.dropped_subscribers,
+        decode_errors=core.pipeline.decode_errors,
+        connections_open=table.open_count,
+        connections_closed_kept=table.closed_count,
+        connections_preexisting=table.preexisting_count,
+        subscribers=len(hub.subscribers),
+        seq=hub.seq,
+        replay_events_held=len(hub.replay),
+        replay_first_seq=hub.first_seq,
+        uptime_s=round(time.monotonic() - core.started_mono, 3),
+        attach_mode=core.attach_mode,
+    )
+
+
+@router.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "not tracing"}})
+def healthz(core: CoreDep) -> JSONResponse:
+    """200 while the tracer is attached and reading, 503 otherwise."""
+    ok, reason = core.healthy()
+    body = Health(status="ok" if ok else "unavailable", attach_mode=core.attach_mode, reason=reason)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}})
+def metrics(core: CoreDep) -> Response:
+    """Prometheus text exposition of the /stats counters."""
+    return Response(generate_latest(core.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,64 @@
+"""WS /ws: live events, filtered, resumable with after=SEQ."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from app.api.core import Core
+from app.filters import FilterError, parse_filter
+from app.hub import Subscriber
+
+router = APIRouter(tags=["events"])
+
+POLICY_VIOLATION = 1008
+
+
+async def _watch_disconnect(websocket: WebSocket, sub: Subscriber) -> None:
+    # The client never needs to send; reading is only how we learn it went away.
+    try:
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass
+    finally:
+        sub.close()
+
+
+@router.websocket("/ws")
+async def ws_events(websocket: WebSocket) -> None:
+    """One JSON event per text message; query: port, pid, family, role, type (a,b), after."""
+    core: Core = websocket.app.state.core
+    try:
+        filt, after = parse_filter(dict(websocket.query_params))
+    except FilterError as exc:
+        # Accept first: a close before accept becomes an HTTP 403 and the client never sees the reason.
+        await websocket.accept()
+        await websocket.close(code=POLICY_VIOLATION, reason=str(exc)[:120])
+        return
+    await websocket.accept()
+    if core.shutting_down:
+        await websocket.close(code=1001, reason="server shutting down")
+        return
+    sub = core.hub.subscribe(filt.predicate(), after)
+    core.websockets.add(websocket)
+    watcher = asyncio.create_task(_watch_disconnect(websocket, sub))
+    try:
+        while True:
+            batch = await sub.next_batch()
+            if not batch:
+                break
+            for text in batch:
+                await websocket.send_text(text)
+        if sub.close_code is not None:
+            await websocket.close(code=sub.close_code, reason="server shutting down")
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # the client went away mid-send: normal
+    finally:
+        sub.close()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        core.websockets.discard(websocket)

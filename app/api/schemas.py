@@ -1,0 +1,38 @@
+"""Public response shapes of the API that are not connections or events."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Stats(BaseModel):
+    """Counters since start; losses are counted per place they happen."""
+
+    events: dict[str, int] = Field(description="events published, per event type")
+    lost_kernel: int = Field(description="events the kernel could not put in the full ring buffer")
+    dropped_subscribers: int = Field(description="events dropped to slow WebSocket subscribers, all together")
+    decode_errors: int = Field(description="ring-buffer records that could not be decoded (skipped)")
+    connections_open: int = Field(description="open connections in the table")
+    connections_closed_kept: int = Field(description="closed connections still held (max_closed_connections)")
+    connections_preexisting: int = Field(description="connections read from sock_diag at start-up, still open")
+    subscribers: int = Field(description="WebSocket subscribers connected now")
+    seq: int = Field(description="seq of the latest event")
+    replay_events_held: int = Field(description="events held in the replay buffer (replay_events)")
+    replay_first_seq: int = Field(description="seq of the oldest event held")
+    uptime_s: float = Field(description="seconds since the service started")
+    attach_mode: str = Field(description="kernel hooks in use, e.g. which data-queue hook")
+
+
+class Health(BaseModel):
+    """Liveness: ok while the tracer is attached and reading."""
+
+    status: str = Field(description='"ok", or "unavailable" with a reason')
+    attach_mode: str = Field(description="kernel hooks in use")
+    reason: str | None = Field(None, description="why not ok")
+
+
+class Problem(BaseModel):
+    """An error answer."""
+
+    detail: object = Field(description="what went wrong")
+    message: str | None = Field(None, description="one line naming the bad parameter, for validation errors")
