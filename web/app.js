@@ -1,0 +1,206 @@
+// Dashboard entry point: wires the stream and HTTP polling into the store, and the store into
+// the views. All DOM work happens in one requestAnimationFrame pass, however fast events arrive.
+
+import { Chart } from './chart.js';
+import { Details } from './details.js';
+import { humanBytes, humanCount } from './format.js';
+import { LIMITS, Store } from './store.js';
+import { Stream } from './stream.js';
+import { ConnTable } from './table.js';
+import { renderTalkers } from './talkers.js';
+
+// The API lives at the root this directory is mounted under (/static/ or /web/), or beside us.
+const here = new URL('.', import.meta.url);
+const API = /\/(static|web)\/$/.test(here.pathname) ? new URL('..', here) : here;
+const api = (path) => new URL(path, API);
+
+const POLL_MS = 2000;
+const TABLE_MIN_MS = 150;  // at most ~7 table renders/s; the eye can't follow more
+const SLOW_MIN_MS = 1000;  // chart, counters, talkers: per-second data
+
+const $ = (sel) => document.querySelector(sel);
+const store = new Store();
+let selected = null;
+let health = { text: 'checking…', ok: null };
+let stats = null;
+let lastStatsEvents = null;
+let lastTable = 0;
+let lastSlow = 0;
+let renderedVersion = -1;
+let frame = 0;
+let snapshotLoaded = false;
+let pending = []; // stream messages that arrive before the /connections snapshot is applied
+
+const table = new ConnTable($('#conn-table'), $('#table-summary'), (id) => select(id));
+table.onSort = () => { lastTable = 0; schedule(); };
+const details = new Details($('#details'), () => select(null));
+const chart = new Chart($('#chart'), $('#chart-readout'));
+
+const stream = new Stream(API, () => store.maxSeq, {
+  onMessage(msg) {
+    if (snapshotLoaded) store.apply(msg); else pending.push(msg);
+    schedule();
+  },
+  onStatus() { renderStatus(); },
+});
+
+function select(id) {
+  selected = id;
+  table.selected = id;
+  lastTable = 0;
+  schedule();
+  if (id) $('#details').scrollTop = 0;
+}
+
+function schedule() {
+  if (!frame) frame = requestAnimationFrame(render);
+}
+
+function render() {
+  frame = 0;
+  const now = Date.now();
+  const serverNow = store.now();
+  if (store.version !== renderedVersion && now - lastTable < TABLE_MIN_MS) {
+    // Coalesce: come back when the minimum interval has passed instead of rendering every frame.
+    setTimeout(schedule, TABLE_MIN_MS - (now - lastTable));
+  } else if (store.version !== renderedVersion || now - lastTable >= SLOW_MIN_MS) {
+    renderedVersion = store.version;
+    lastTable = now;
+    table.render(store.conns, serverNow);
+    details.render(selected ? store.conns.get(selected) ?? detailsKeep(selected) : null, selected, serverNow);
+  }
+  if (now - lastSlow >= SLOW_MIN_MS) {
+    lastSlow = now;
+    store.enforceLimits(selected);
+    const nowSec = Math.floor(serverNow / 1000);
+    chart.draw(store.rates, nowSec - 1);
+    renderCounters(nowSec);
+    renderTalkers($('#top-talkers-body'), store.conns);
+  }
+}
+
+// The selected connection stays in the details panel after it ages out of the table.
+let keptForDetails = null;
+function detailsKeep(id) { return keptForDetails?.id === id ? keptForDetails : null; }
+setInterval(() => { if (selected && store.conns.has(selected)) keptForDetails = store.conns.get(selected); }, 1000);
+
+function setText(sel, text) {
+  const e = $(sel);
+  if (e && e.textContent !== text) e.textContent = text;
+}
+
+function renderCounters(nowSec) {
+  const r = store.rates;
+  setText('#c-open', stats ? String(stats.connections_open ?? '–') : '–');
+  setText('#c-new', humanCount(r.mean(nowSec, 'newConns')));
+  setText('#c-close', humanCount(r.mean(nowSec, 'closes')));
+  setText('#c-in', `${humanBytes(r.mean(nowSec, 'bytesIn'))}/s`);
+  setText('#c-out', `${humanBytes(r.mean(nowSec, 'bytesOut'))}/s`);
+  setText('#c-lost', stats ? String(stats.lost_kernel ?? 0) : '–');
+  setText('#c-dropped', String(store.control.get('dropped') ?? 0));
+  const others = [...store.control].filter(([t]) => t !== 'dropped').map(([t, n]) => `${t}: ${n}`);
+  setText('#notices', others.length ? `stream notices — ${others.join(', ')}` : '');
+  $('#c-lost').closest('.counter').classList.toggle('warn', !!stats?.lost_kernel);
+  $('#c-dropped').closest('.counter').classList.toggle('warn', store.control.has('dropped'));
+}
+
+function renderStatus() {
+  const el = $('#ws-status');
+  const s = stream.status;
+  let text;
+  if (s === 'live') text = 'live';
+  else if (s === 'connecting') text = 'connecting…';
+  else if (stream.retryAt && s === 'disconnected') {
+    text = `disconnected — reconnecting in ${Math.max(1, Math.ceil((stream.retryAt - Date.now()) / 1000))} s…`;
+  } else text = 'disconnected — reconnecting…';
+  if (el.textContent !== text) el.textContent = text;
+  el.dataset.status = s === 'live' ? 'live' : s === 'connecting' ? 'connecting' : 'down';
+}
+setInterval(renderStatus, 500); // the countdown
+
+function renderHealth() {
+  setText('#health', health.text);
+  $('#health').dataset.ok = String(health.ok);
+  const mode = stats?.attach_mode;
+  const modeText = mode == null ? '–' : typeof mode === 'object'
+    ? Object.entries(mode).map(([k, v]) => `${k}=${v}`).join(', ') : String(mode);
+  setText('#attach-mode', modeText);
+}
+
+async function getJSON(path) {
+  const res = await fetch(api(path), { cache: 'no-store' });
+  const date = Date.parse(res.headers.get('date') ?? '');
+  if (Number.isFinite(date)) store.syncClock(date, Date.now());
+  return res;
+}
+
+async function poll() {
+  try {
+    const h = await getJSON('healthz');
+    health = h.ok ? { text: 'healthy', ok: true } : { text: `unhealthy (HTTP ${h.status})`, ok: false };
+  } catch {
+    health = { text: 'unreachable', ok: false };
+  }
+  try {
+    const r = await getJSON('stats');
+    if (r.ok) {
+      stats = await r.json();
+      const total = Object.values(stats.events ?? {}).reduce((a, b) => a + (Number(b) || 0), 0);
+      // Counters since start only go down if the service restarted: ids and seqs start over.
+      if (lastStatsEvents != null && total < lastStatsEvents) restartedServer();
+      lastStatsEvents = total;
+    }
+  } catch { /* reported through health */ }
+  renderHealth();
+  lastSlow = 0;
+  schedule();
+}
+
+async function loadSnapshot() {
+  try {
+    const r = await getJSON(`connections?limit=500`);
+    if (!r.ok) throw new Error(`GET /connections answered ${r.status}`);
+    store.load(await r.json());
+    setText('#load-error', '');
+  } catch (e) {
+    setText('#load-error', `Could not load existing connections: ${e.message}. Showing live events only.`);
+  }
+  snapshotLoaded = true;
+  for (const m of pending) store.apply(m);
+  pending = [];
+  schedule();
+}
+
+function restartedServer() {
+  store.reset();
+  snapshotLoaded = false;
+  pending = [];
+  stream.restart();
+  loadSnapshot();
+}
+
+$('#filter').addEventListener('input', (e) => {
+  table.setFilter(e.target.value);
+  lastTable = 0;
+  schedule();
+});
+document.addEventListener('keydown', (e) => {
+  if (e.key === '/' && document.activeElement !== $('#filter')) { e.preventDefault(); $('#filter').focus(); }
+  if (e.key === 'Escape' && selected) select(null);
+});
+window.addEventListener('resize', () => { lastSlow = 0; schedule(); });
+setInterval(schedule, 1000); // ages, chart and eviction move on even when no events arrive
+
+// For tests and for poking from the console.
+window.__connTracer = {
+  store, stream, limits: LIMITS,
+  get ws() { return stream.ws; },
+  simulateOutage: (ms) => stream.simulateOutage(ms),
+};
+
+// Subscribe first, then snapshot: events in between are buffered, so the seam has no gap.
+await poll();
+stream.connect();
+await loadSnapshot();
+setInterval(poll, POLL_MS);
+

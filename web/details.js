@@ -1,0 +1,94 @@
+// Details panel: one connection's facts and every event the page saw for it, so the
+// state timeline (SYN_SENT -> ESTABLISHED -> ... -> CLOSE) can be read top to bottom.
+
+import { clockTime, endpoint, humanBytes, humanDuration, procLabel } from './format.js';
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === 'class') e.className = v; else e.setAttribute(k, v);
+  }
+  e.append(...children.filter((c) => c != null));
+  return e;
+}
+
+/** Distinct consecutive states seen in the events, e.g. ["SYN_SENT", "ESTABLISHED", "CLOSE"]. */
+export function stateTimeline(events) {
+  const out = [];
+  for (const ev of events) if (ev.state && out[out.length - 1] !== ev.state) out.push(ev.state);
+  return out;
+}
+
+export class Details {
+  constructor(root, onClose) {
+    this.root = root;
+    this.onClose = onClose;
+    this.shown = null; // [id, version] last rendered
+  }
+
+  render(conn, id, serverNow) {
+    if (!id) {
+      if (this.shown !== null) {
+        this.shown = null;
+        this.root.replaceChildren(el('h2', {}, 'Connection details'),
+          el('p', { class: 'muted' }, 'Click a row to see its events and state timeline.'));
+      }
+      return;
+    }
+    const key = `${id}:${conn ? conn.version : 'gone'}:${conn?.closedMs == null ? Math.floor(serverNow / 1000) : ''}`;
+    if (this.shown === key) return;
+    this.shown = key;
+    const close = el('button', { type: 'button', class: 'close', 'aria-label': 'close details' }, '×');
+    close.addEventListener('click', () => this.onClose());
+    if (!conn) {
+      this.root.replaceChildren(el('div', { class: 'details-head' }, el('h2', {}, 'Connection details'), close),
+        el('p', { class: 'muted' }, `Connection ${id} is no longer held by this page (aged out or evicted).`));
+      return;
+    }
+    const closed = conn.closedMs != null;
+    const dur = closed ? conn.closedMs - conn.startedMs : serverNow - conn.startedMs;
+    const facts = el('dl', { class: 'facts' });
+    const fact = (k, v) => facts.append(el('dt', {}, k), el('dd', {}, v));
+    fact('id', conn.id);
+    fact('role', `${conn.role ?? '?'} (${conn.family ?? '?'})`);
+    fact('local', endpoint(conn.src_addr, conn.src_port));
+    fact('remote', endpoint(conn.dst_addr, conn.dst_port));
+    fact('process', procLabel(conn.pid, conn.comm));
+    fact('state', conn.state ?? '?');
+    fact('sent', `${conn.bytes_sent} (${humanBytes(conn.bytes_sent)})`);
+    fact('received', `${conn.bytes_received} (${humanBytes(conn.bytes_received)})`);
+    fact('started', clockTime(conn.startedMs));
+    fact(closed ? 'duration' : 'age', humanDuration(dur));
+
+    const states = stateTimeline(conn.events);
+    const timeline = el('ol', { class: 'timeline', 'aria-label': 'state timeline' });
+    states.forEach((s, i) => {
+      if (i) timeline.append(el('li', { class: 'arrow', 'aria-hidden': 'true' }, '→'));
+      timeline.append(el('li', { 'data-state': s }, s));
+    });
+
+    const parts = [el('div', { class: 'details-head' }, el('h2', {}, 'Connection details'), close), facts];
+    if (states.length) parts.push(el('h3', {}, 'State timeline'), timeline);
+    if (!conn.events.length || conn.fromSnapshot) {
+      // Events before the page loaded are not replayed per connection; say so rather than imply none.
+      const known = conn.knownEvents != null ? ` The server counted ${conn.knownEvents} events for it.` : '';
+      parts.push(el('p', { class: 'muted' }, `Loaded from /connections when the page opened: events `
+        + `before then are not shown, only those streamed since.${known}`));
+    }
+    if (conn.events.length) {
+      const tbody = el('tbody');
+      conn.events.forEach((ev, i) => {
+        if (conn.omitted && i === 40) {
+          tbody.append(el('tr', { class: 'omitted' }, el('td', { colspan: '5' }, `… ${conn.omitted} events omitted …`)));
+        }
+        tbody.append(el('tr', {}, el('td', {}, clockTime(ev.ts)), el('td', {}, ev.type), el('td', {}, ev.state ?? ''),
+          el('td', { class: 'num' }, String(ev.bytes_sent ?? '')), el('td', { class: 'num' }, String(ev.bytes_received ?? ''))));
+      });
+      const head = el('thead', {}, el('tr', {}, ...['time', 'event', 'state', 'sent', 'recv'].map(
+        (h, i) => el('th', { scope: 'col', class: i > 2 ? 'num' : '' }, h))));
+      parts.push(el('h3', {}, `Events (${conn.events.length + conn.omitted})`),
+        el('div', { class: 'events-wrap' }, el('table', { class: 'events' }, head, tbody)));
+    }
+    this.root.replaceChildren(...parts);
+  }
+}

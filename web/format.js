@@ -1,0 +1,54 @@
+// Small pure formatting helpers shared by the views.
+
+const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+
+/** Human byte size, e.g. 1536 -> "1.5 KiB". */
+export function humanBytes(n) {
+  if (!Number.isFinite(n)) return '–';
+  let i = 0;
+  let v = Math.abs(n);
+  while (v >= 1024 && i < UNITS.length - 1) { v /= 1024; i++; }
+  const s = i === 0 ? String(Math.round(v)) : v.toFixed(v < 10 ? 1 : 0);
+  return `${n < 0 ? '-' : ''}${s} ${UNITS[i]}`;
+}
+
+/** Compact rate, e.g. 1.2k, 34, 0.4. */
+export function humanCount(n) {
+  if (!Number.isFinite(n)) return '–';
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)}M`;
+  if (n >= 1e4) return `${Math.round(n / 1e3)}k`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)}k`;
+  if (n >= 10 || n === 0) return String(Math.round(n));
+  return n.toFixed(1);
+}
+
+/** Duration in ms as "850 ms", "12.3 s", "4m 05s", "2h 03m". */
+export function humanDuration(ms) {
+  if (!Number.isFinite(ms) || ms < 0) return '–';
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  const s = ms / 1000;
+  if (s < 60) return `${s.toFixed(1)} s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m}m ${String(Math.floor(s % 60)).padStart(2, '0')}s`;
+  const h = Math.floor(m / 60);
+  return `${h}h ${String(m % 60).padStart(2, '0')}m`;
+}
+
+/** "addr:port", with IPv6 addresses in brackets so the port stays unambiguous. */
+export function endpoint(addr, port) {
+  const a = addr ?? '?';
+  return a.includes(':') ? `[${a}]:${port}` : `${a}:${port}`;
+}
+
+/** ISO timestamp -> local "HH:MM:SS.mmm". */
+export function clockTime(ms) {
+  if (!Number.isFinite(ms)) return '–';
+  const d = new Date(ms);
+  const p = (x, n = 2) => String(x).padStart(n, '0');
+  return `${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}.${p(d.getMilliseconds(), 3)}`;
+}
+
+export function procLabel(pid, comm) {
+  if (pid == null && !comm) return '?';
+  return `${pid ?? '?'} ${comm ?? ''}`.trim();
+}
