@@ -95,8 +95,14 @@ async def _trace(settings: Settings, as_json: bool) -> int:
     decoder = Decoder(time.time_ns() - time.monotonic_ns())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        # Stop consuming at once: under a flood the reader would keep the loop busy.
+        tracer.stop_reading()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     seq = 0
     bad = 0
     out = sys.stdout
@@ -121,7 +127,6 @@ async def _trace(settings: Settings, as_json: bool) -> int:
         tracer.start_reading(loop, on_records)
         print(f"tracing ({tracer.attach_mode}); Ctrl-C to stop", file=sys.stderr)
         await stop.wait()
-        tracer.drain()
     finally:
         lost = tracer.lost_kernel()
         tracer.close()

@@ -13,9 +13,9 @@ from typing import Any
 
 from app.models import TCP_STATES, Event
 
-# ts_ns conn_id start_ns bytes_sent bytes_received | pid netns | saddr daddr |
+# ts_ns conn_id start_ns bytes_sent bytes_received bytes_retrans | pid netns | saddr daddr |
 # sport dport | family type role state oldstate flags pad[2] | comm | tail padding
-RECORD = struct.Struct("<QQQQQII16s16sHHBBBBBB2x16s4x")  # 4x: C pads to 8
+RECORD = struct.Struct("<QQQQQQII16s16sHHBBBBBB2x16s4x")  # 4x: C pads to 8
 
 EVENT_TYPE_NAMES: dict[int, str] = {
     1: "syn_sent",
@@ -48,7 +48,7 @@ class Decoder:
     def decode(self, raw: bytes) -> Event:
         if len(raw) < RECORD.size:
             raise DecodeError(f"record of {len(raw)} bytes, expected {RECORD.size}")
-        (ts_ns, conn_id, _start_ns, bytes_sent, bytes_received, pid, netns, saddr, daddr, sport, dport,
+        (ts_ns, conn_id, _start_ns, bytes_sent, bytes_received, bytes_retrans, pid, netns, saddr, daddr, sport, dport,
          family, type_, role, state, _oldstate, flags, comm) = RECORD.unpack_from(raw)
         try:
             type_name = EVENT_TYPE_NAMES[type_]
@@ -66,6 +66,9 @@ class Decoder:
         # sequence number: it is not payload (KERNEL.md).
         if flags & FLAG_FIN_RECEIVED and bytes_received > 0:
             bytes_received -= 1
+        # tcp_sock.bytes_sent counts every transmission; a retransmitted byte is
+        # still one payload byte (KERNEL.md).
+        bytes_sent -= min(bytes_retrans, bytes_sent)
         wall = (ts_ns + self.wall_offset_ns) / 1e9
         return _trusted_event({
             "seq": 0,
@@ -84,6 +87,7 @@ class Decoder:
             "comm": self._comm(comm) if pid else None,
             "bytes_sent": bytes_sent,
             "bytes_received": bytes_received,
+            "bytes_retrans": bytes_retrans,
             "netns": netns,
         })
 

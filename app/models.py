@@ -48,8 +48,9 @@ class Event(BaseModel):
     dst_port: int = Field(description="remote port")
     pid: int | None = Field(description="owning process id, null while unknown")
     comm: str | None = Field(description="owning process name, null while unknown")
-    bytes_sent: int = Field(description="payload bytes sent (tcp_sock.bytes_sent)")
+    bytes_sent: int = Field(description="payload bytes sent (tcp_sock.bytes_sent less bytes_retrans)")
     bytes_received: int = Field(description="payload bytes received (tcp_sock.bytes_received less a FIN)")
+    bytes_retrans: int = Field(0, description="bytes retransmitted (tcp_sock.bytes_retrans)")
     netns: int = Field(description="network namespace inode number")
 
 

@@ -12,7 +12,7 @@ from app.models import Event
 
 def record(**over: object) -> bytes:
     f: dict[str, object] = dict(
-        ts_ns=5_000_000_000, conn_id=7, start_ns=4_000_000_000, bytes_sent=10, bytes_received=20,
+        ts_ns=5_000_000_000, conn_id=7, start_ns=4_000_000_000, bytes_sent=10, bytes_received=20, bytes_retrans=0,
         pid=42, netns=4026531840, saddr=socket.inet_pton(socket.AF_INET, "10.0.0.1"),
         daddr=socket.inet_pton(socket.AF_INET, "10.0.0.2"), sport=5555, dport=80, family=4, type=3,
         role=0, state=1, oldstate=2, flags=0, comm=b"curl",
@@ -34,6 +34,8 @@ def record(**over: object) -> bytes:
      dict(bytes_received=1234, type="close", state="CLOSE")),
     ("FIN alone", dict(flags=1, bytes_received=1), dict(bytes_received=0)),
     ("FIN flag without bytes never goes negative", dict(flags=1, bytes_received=0), dict(bytes_received=0)),
+    ("retransmitted bytes are not payload twice", dict(bytes_sent=100040, bytes_retrans=40),
+     dict(bytes_sent=100000, bytes_retrans=40)),
     ("unknown owner", dict(pid=0, comm=b"swapper/1"), dict(pid=None, comm=None)),
     ("data queue", dict(type=4), dict(type="data_queue")),
 ])

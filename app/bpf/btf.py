@@ -183,6 +183,7 @@ class KernelBtf:
 TRACER_OFFSETS: tuple[tuple[str, str, str], ...] = (
     ("OFF_BYTES_RECEIVED", "tcp_sock", "bytes_received"),
     ("OFF_BYTES_SENT", "tcp_sock", "bytes_sent"),
+    ("OFF_BYTES_RETRANS", "tcp_sock", "bytes_retrans"),
     ("OFF_SK_FLAGS", "sock", "__sk_common.skc_flags"),
     ("OFF_SK_NET", "sock", "__sk_common.skc_net.net"),
     ("OFF_NET_INUM", "net", "ns.inum"),

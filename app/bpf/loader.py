@@ -283,12 +283,16 @@ class Tracer:
             return 0
         return int(self._bpf[b"counters"][ctypes.c_int(1)].value)
 
-    def close(self) -> None:
-        """Stops reading and detaches every program. Safe to call twice."""
+    def stop_reading(self) -> None:
+        """Unhooks the ring buffer from the event loop; programs stay attached."""
         if self._loop is not None and self._fd >= 0:
             self._loop.remove_reader(self._fd)
         self._fd = -1
         self._loop = None
+
+    def close(self) -> None:
+        """Stops reading and detaches every program. Safe to call twice."""
+        self.stop_reading()
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
             bpf.cleanup()

@@ -6,7 +6,7 @@
 // by app/bpf/btf.py. Tracepoint arguments come from tracefs, so they are exact.
 //
 // Flags set by the loader:
-//   OFF_BYTES_RECEIVED, OFF_BYTES_SENT   offsets in struct tcp_sock
+//   OFF_BYTES_RECEIVED, OFF_BYTES_SENT, OFF_BYTES_RETRANS   offsets in struct tcp_sock
 //   OFF_SK_FLAGS, SOCK_DONE_BIT          struct sock.sk_flags and enum sock_flags.SOCK_DONE
 //   OFF_SK_NET, OFF_NET_INUM             sock -> struct net * -> ns.inum
 //   OFF_SKC_*, OFF_INET_SPORT            the connection's addresses and ports
@@ -52,6 +52,7 @@ struct event {
     u64 start_ns;        // monotonic time the connection was first seen
     u64 bytes_sent;      // tcp_sock.bytes_sent
     u64 bytes_received;  // tcp_sock.bytes_received (counts a received FIN; see flags)
+    u64 bytes_retrans;   // tcp_sock.bytes_retrans: bytes_sent counts these a second time
     u32 pid;             // tgid of the owning process, 0 if not known yet
     u32 netns;           // network namespace inode
     u8 saddr[16];        // local address (IPv4 in the first 4 bytes)
@@ -193,6 +194,7 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
     bpf_probe_read_kernel(&e.bytes_sent, sizeof(e.bytes_sent), (const char *)sk + OFF_BYTES_SENT);
     bpf_probe_read_kernel(&e.bytes_received, sizeof(e.bytes_received),
                           (const char *)sk + OFF_BYTES_RECEIVED);
+    bpf_probe_read_kernel(&e.bytes_retrans, sizeof(e.bytes_retrans), (const char *)sk + OFF_BYTES_RETRANS);
     e.flags = si->flags | read_fin_flag(sk);
     submit(&e);
 }
