@@ -24,6 +24,8 @@ class Settings(BaseSettings):
 
     # Kernel side.
     data_queue_interval_ms: float = Field(100.0, ge=0)
+    # auto: kprobe on tcp_data_queue where kprobes work, else the sk_data_ready tracepoint.
+    data_queue_hook: Literal["auto", "kprobe", "tracepoint"] = "auto"
     state_events: bool = False
     ringbuf_pages: int = Field(1024, ge=1, description="ring buffer size in pages; a power of two")
     max_sockets: int = Field(65536, ge=16, description="LRU map of tracked sockets")

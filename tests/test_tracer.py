@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.bpf.loader import Tracer
+from app.bpf.loader import Tracer, TracerError, check_host
 from app.config import Settings
 from app.decode import Decoder
 from app.models import Event
@@ -240,3 +240,21 @@ def test_trace_refuses_to_start_without_btf(tmp_path: Path) -> None:
                          env=env, timeout=60)
     assert res.returncode == 1
     assert len(res.stderr.strip().splitlines()) == 1 and "BTF" in res.stderr
+
+
+def test_failed_attach_leaves_nothing_loaded() -> None:
+    # Forcing the kprobe hook on a kernel without kprobes: the tracepoints attach,
+    # then the kprobe fails; open() must undo the tracepoints it already attached.
+    rep = check_host(Settings())
+    if rep.kprobes:
+        pytest.skip("this kernel has kprobes; the forced failure needs a host without them")
+    before = our_prog_ids()
+    tracer = Tracer(Settings(data_queue_hook="kprobe"))
+    assert tracer.report.data_queue_hook == "kprobe:tcp_data_queue"
+    with pytest.raises(TracerError, match="attaching the tracer failed"):
+        tracer.open()
+    assert not tracer.attached
+    deadline = time.monotonic() + 5
+    while our_prog_ids() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (our_prog_ids() - before)

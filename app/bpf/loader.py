@@ -137,12 +137,14 @@ def check_host(settings: Settings, mount: bool = True) -> HostReport:
     add(_check_fs("tracefs", "tracefs", tracefs, tracefs / "events", mount))
     add(_check_fs("debugfs", "debugfs", settings.debugfs_path, settings.debugfs_path / "tracing", mount))
 
-    rep.kprobes = _kprobes_available(tracefs)
-    add(Check("kprobes", rep.kprobes,
-              f"kprobe on {DATA_QUEUE_KPROBE} available" if rep.kprobes
+    have_kprobes = _kprobes_available(tracefs)
+    add(Check("kprobes", have_kprobes,
+              f"kprobe on {DATA_QUEUE_KPROBE} available" if have_kprobes
               else f"no kprobes (CONFIG_KPROBES unset or {DATA_QUEUE_KPROBE} not in kallsyms); "
                    "data-queue events use sock:sk_data_ready",
               "none needed: the tracepoint fallback is used", required=False))
+    hook = settings.data_queue_hook
+    rep.kprobes = hook == "kprobe" or (hook == "auto" and have_kprobes)
     needed = list(BASE_TRACEPOINTS) + ([] if rep.kprobes else [DATA_QUEUE_TRACEPOINT])
     missing = [f"{c}:{e}" for c, e in needed if not (tracefs / "events" / c / e / "format").exists()]
     add(Check("tracepoints", not missing, "missing " + ", ".join(missing) if missing
