@@ -607,10 +607,10 @@ def run_profile(churn: Churn, prof: Profile, seconds: float) -> dict[str, Any]:
     try:
         sess.start()
         assert sess.serve is not None
-        # --threads: show which thread burns the time; --nonblocking would under-sample a busy loop.
+        # Active samples only (no --idle): percentages are of the time serve spends on CPU.
         spy = Proc("py-spy", [str(pyspy), "record", "--pid", str(sess.serve.pid), "--format", "raw",
-                              "--output", str(raw), "--duration", str(int(seconds) + 2), "--rate", "200",
-                              "--threads", "--idle"])
+                              "--output", str(raw), "--duration", str(int(seconds) + 2), "--rate", "100",
+                              "--threads"])
         try:
             time.sleep(1)
             res["churn"] = churn.run(port, seconds)
@@ -625,9 +625,26 @@ def run_profile(churn: Churn, prof: Profile, seconds: float) -> dict[str, Any]:
     return res
 
 
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]*)(?::\d+)?\)$")
+
+
+def _component(file: str) -> str:
+    """Groups frames by the stage of the pipeline (or library) they belong to."""
+    if file.startswith("app/"):
+        return file
+    for key, name in (("pydantic", "pydantic"), ("websockets/", "websockets"), ("uvicorn/", "uvicorn"),
+                      ("starlette/", "starlette"), ("fastapi/", "fastapi"), ("asyncio/", "asyncio"),
+                      ("selectors", "asyncio"), ("bcc/", "bcc"), ("ctypes/", "ctypes"), ("json/", "json")):
+        if key in file:
+            return name
+    return "other"
+
+
 def summarise_collapsed(path: Path, top: int = 15) -> dict[str, Any]:
+    """Self and inclusive time per function (line numbers folded) and self time per component."""
     self_t: dict[str, int] = {}
     total_t: dict[str, int] = {}
+    comp_t: dict[str, int] = {}
     n = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, cnt = line.rpartition(" ")
@@ -635,17 +652,24 @@ def summarise_collapsed(path: Path, top: int = 15) -> dict[str, Any]:
             continue
         c = int(cnt)
         n += c
-        frames = [f for f in stack.split(";") if f]
-        if not frames:
+        names: list[str] = []
+        comp = "other"
+        for raw in stack.split(";")[1:]:  # [0] is the thread
+            m = _FRAME.match(raw)
+            names.append(f"{m['func']} ({m['file']})" if m else raw)
+            comp = _component(m["file"]) if m else "other"
+        if not names:
             continue
-        self_t[frames[-1]] = self_t.get(frames[-1], 0) + c
-        for f in set(frames):
+        self_t[names[-1]] = self_t.get(names[-1], 0) + c
+        comp_t[comp] = comp_t.get(comp, 0) + c
+        for f in set(names):
             total_t[f] = total_t.get(f, 0) + c
 
-    def rank(d: dict[str, int]) -> list[tuple[str, float]]:
-        return [(k, round(100 * v / max(1, n), 1)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+    def rank(d: dict[str, int], k: int = top) -> list[tuple[str, float]]:
+        return [(key, round(100 * v / max(1, n), 1)) for key, v in sorted(d.items(), key=lambda kv: -kv[1])[:k]]
 
-    return {"samples": n, "self_pct": rank(self_t), "inclusive_pct": rank(total_t)}
+    return {"samples": n, "self_pct": rank(self_t), "inclusive_pct": rank(total_t, 25),
+            "self_by_component_pct": rank(comp_t, 20)}
 
 
 # ---------------------------------------------------------------- report
@@ -707,6 +731,8 @@ def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: di
             d.update(completeness=med([r["closes"] / _expected_closes(r["churn"]) for r in rs]),
                      lines_ratio=med([r["lines"] / max(1, expected_lines * r["churn"]["connections"]) for r in rs]),
                      lost_samples_max=max(r["lost_samples"] for r in rs),
+                     events_per_conn=med([r["lines"] / max(1, r["churn"]["connections"]) for r in rs]),
+                     cpu_us_per_event=med([1e6 * r["cpu_s"] / max(1, r["lines"]) for r in rs]),
                      lost_warning=next((r["lost_warnings"][0] for r in rs if r["lost_warnings"]), None))
         if cfg == "bare":
             d.update(cpu_us_per_event=med([1e6 * r["cpu_s"] / max(1, r.get("events", 0)) for r in rs]),
@@ -733,7 +759,7 @@ def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: di
     return s
 
 
-def targets(s: dict[str, Any]) -> list[dict[str, Any]]:
+def targets(s: dict[str, Any], prof: Profile) -> list[dict[str, Any]]:
     c = s["configs"]
     ct, life = c.get("conn-tracer", {}), c.get("tcplife", {})
     rows: list[dict[str, Any]] = []
@@ -751,7 +777,7 @@ def targets(s: dict[str, Any]) -> list[dict[str, Any]]:
     pr = s.get("pipeline_cost_ratio")
     add("pipeline cost vs bare", pr, "<= 3x", None if pr is None else pr <= 3)
     p99 = ct.get("latency_p99_ms")
-    add(f"latency p99 @ {int(ct.get('latency_rate', 0))}/s (ms)", p99, "<= 20", None if p99 is None else p99 <= 20)
+    add(f"latency p99 @ {int(prof.latency_rate)}/s (ms)", p99, "<= 20", None if p99 is None else p99 <= 20)
     rss = s.get("rss_after_n")
     add(f"RSS after {rss['connections'] if rss else 'N'} conns (MB)", rss and rss["rss_mb"], "<= 200",
         None if not rss else rss["rss_mb"] <= 200)
@@ -778,7 +804,8 @@ def print_table(s: dict[str, Any], tg: list[dict[str, Any]], skipped: dict[str, 
     for cfg in CONFIGS:
         d = c.get(cfg)
         if not d:
-            print(f"{cfg:<12} skipped: {skipped.get(cfg, 'no runs')[:90]}")
+            why = [ln for ln in skipped.get(cfg, "not run").splitlines() if ln.strip()]
+            print(f"{cfg:<12} skipped: {why[0][:100]}" + (f" ... {why[-1].strip()[:100]}" if len(why) > 1 else ""))
             continue
         lost = d.get("lost_kernel_max", d.get("lost_samples_max"))
         print(f"{cfg:<12} {fmt(d['rate'], 0):>9} {fmt(d.get('overhead_ratio')):>6} "
@@ -876,6 +903,8 @@ def main() -> int:
     iperf: list[dict[str, Any]] = []
     rss: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None
+    if "conn-tracer" not in configs:
+        skipped.setdefault("conn-tracer", "not selected (--configs)")
     try:
         for rnd in range(prof.rounds):
             k = rnd % len(configs)
@@ -899,7 +928,7 @@ def main() -> int:
                 print(f"round {rnd} {cfg:<12} {r['churn']['rate']:>9.0f} conn/s  {r['wall_s']:>5.1f} s", flush=True)
         if not args.skip_iperf:
             print("iperf3 ...", flush=True)
-            iperf = run_iperf(prof, "conn-tracer" not in skipped and "conn-tracer" in configs)
+            iperf = run_iperf(prof, "conn-tracer" not in skipped)
         if prof.rss_count and "conn-tracer" not in skipped:
             print(f"memory after {prof.rss_count:,} connections (<= {prof.rss_time_s:.0f} s) ...", flush=True)
             try:
@@ -916,12 +945,17 @@ def main() -> int:
         stop_all()
 
     s = summarise(rounds, iperf, rss, prof)
-    tg = targets(s)
+    tg = targets(s, prof)
     print_table(s, tg, skipped)
     if profile and "self_pct" in profile:
-        print("\n== py-spy: serve during max-rate churn (top self time, % of samples) ==")
-        for name, pct in profile["self_pct"][:12]:
-            print(f"  {pct:5.1f}%  {name[:110]}")
+        print(f"\n== py-spy: serve during max-rate churn ({profile['samples']} active samples) ==")
+        print("  self time by component: " + ", ".join(f"{k} {v}%" for k, v in profile["self_by_component_pct"][:10]))
+        print("  top self time:")
+        for name, pct in profile["self_pct"][:10]:
+            print(f"    {pct:5.1f}%  {name[:100]}")
+        print("  top inclusive time:")
+        for name, pct in profile["inclusive_pct"][:18]:
+            print(f"    {pct:5.1f}%  {name[:100]}")
     result = {
         "meta": {"timestamp": stamp, "kernel": platform.release(), "cpus": os.cpu_count(), "quick": args.quick,
                  "profile": asdict(prof), "argv": sys.argv[1:], "wall_s": round(time.time() - started, 1),
