@@ -73,8 +73,9 @@ def assert_exchange(events: list[Ev], ex: Exchange, family: str,
     assert (cclose["bytes_sent"], cclose["bytes_received"]) == (ex.sent_by_client, ex.sent_by_server)
     assert (sclose["bytes_sent"], sclose["bytes_received"]) == (ex.sent_by_server, ex.sent_by_client)
     assert cclose["state"] == sclose["state"] == "CLOSE"
-    # The server socket belongs to the server process, not whoever ran the softirq.
-    assert sclose["pid"] == ex.server_pid
+    # The server socket belongs to the server process, not whoever ran the softirq:
+    # from the start (the listener's owner) to the end (the process that used it).
+    assert all(e["pid"] == ex.server_pid for e in srv), [(e["type"], e["pid"]) for e in srv]
     assert cclose["pid"] == ex.client_pid
 
     # One id per socket, distinct between the two sockets.
@@ -258,3 +259,50 @@ def test_failed_attach_leaves_nothing_loaded() -> None:
     while our_prog_ids() - before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not (our_prog_ids() - before)
+
+
+PREFORK_SERVER = r"""
+import json, os, socket, sys
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(8)
+print(json.dumps({"pid": os.getpid(), "port": ls.getsockname()[1]}), flush=True)
+child = os.fork()
+if child == 0:
+    c, _ = ls.accept()
+    c.recv(100)
+    c.sendall(b"w" * 11)
+    c.close()
+    print(json.dumps({"worker": os.getpid()}), flush=True)
+    os._exit(0)
+os.waitpid(child, 0)
+"""
+
+
+def test_prefork_server_socket_belongs_to_the_worker(trace: TraceStream) -> None:
+    import sys
+
+    srv = subprocess.Popen([sys.executable, "-c", PREFORK_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None
+        hello = json.loads(srv.stdout.readline())
+        with socket.create_connection(("127.0.0.1", hello["port"])) as c:
+            c.sendall(b"hello")
+            assert c.recv(100) == b"w" * 11
+            cport = c.getsockname()[1]
+        worker = json.loads(srv.stdout.readline())["worker"]
+        assert srv.wait(timeout=10) == 0
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
+        if srv.stdout is not None:
+            srv.stdout.close()
+
+    def done(events: list[Ev]) -> bool:
+        return any(e["type"] == "close" for e in between(events, hello["port"], cport))
+
+    mine = between(trace.wait_for(done), hello["port"], cport)
+    # Provisionally the listener's process, then the worker that accepted and read.
+    assert mine[0]["type"] == "syn_recv" and mine[0]["pid"] == hello["pid"]
+    assert mine[-1]["type"] == "close" and mine[-1]["pid"] == worker != hello["pid"]

@@ -43,6 +43,7 @@ enum role { ROLE_CLIENT = 0, ROLE_SERVER = 1 };
 
 #define EVF_FIN_RECEIVED 1   // SOCK_DONE: tcp_fin() ran, bytes_received counts the FIN
 #define EVF_PID_FROM_CONNECT 2
+#define EVF_PID_FROM_LISTENER 4   // provisional: the first send/recv in process context replaces it
 
 // The one record shared with user space. app/decode.py mirrors it; the
 // static assert below fails the compile if the two ever disagree in size.
@@ -85,7 +86,20 @@ struct sock_info {
     char comm[16];
 };
 
+// Who listens on (netns, port): a passive child's provisional owner until the
+// process that accepted it sends or receives (prefork servers accept in workers).
+struct listener_key {
+    u32 netns;
+    u16 port;
+    u16 family;
+};
+struct owner {
+    u32 pid;
+    char comm[16];
+};
+
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_TABLE("lru_hash", struct listener_key, struct owner, listeners, 4096);
 BPF_TABLE("lru_hash", u64, struct sock_info, sockets, MAX_SOCKETS);
 // [0] next connection id, [1] events lost because the ring buffer was full.
 BPF_ARRAY(counters, u64, 2);
@@ -227,16 +241,39 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             si.flags = EVF_PID_FROM_CONNECT;
         } else {
             // The passive child is created in softirq: whoever runs now is not
-            // the owner. The first send/recv in process context claims it.
+            // the owner. The listener's owner stands in until the first
+            // send/recv in process context claims it.
             si.role = ROLE_SERVER;
+            struct listener_key lk = {.netns = read_netns(args->skaddr), .port = args->sport,
+                                      .family = args->family};
+            struct owner *o = listeners.lookup(&lk);
+            if (o) {
+                si.pid = o->pid;
+                __builtin_memcpy(si.comm, o->comm, sizeof(si.comm));
+                si.flags = EVF_PID_FROM_LISTENER;
+            }
         }
         sockets.update(&key, &si);
         return 0;
     }
 
+    if (newstate == ST_LISTEN || oldstate == ST_LISTEN) {
+        // listen() runs in the owner's process context; the port is set by bind().
+        struct listener_key lk = {.netns = read_netns(args->skaddr), .port = args->sport,
+                                  .family = args->family};
+        if (newstate == ST_LISTEN) {
+            struct owner o = {.pid = bpf_get_current_pid_tgid() >> 32};
+            bpf_get_current_comm(o.comm, sizeof(o.comm));
+            listeners.update(&lk, &o);
+        } else {
+            listeners.delete(&lk);
+        }
+        return 0;
+    }
+
     struct sock_info *si = sockets.lookup(&key);
     if (!si)
-        return 0;   // listeners and sockets that opened before we attached
+        return 0;   // sockets that opened before we attached
     si->state = newstate;
 
     if (newstate == ST_CLOSE) {
@@ -287,8 +324,10 @@ static __always_inline void on_syscall_io(const void *sk, u16 protocol) {
         return;
     u64 key = (u64)sk;
     struct sock_info *si = sockets.lookup(&key);
-    if (si && si->pid == 0)
+    if (si && (si->pid == 0 || (si->flags & EVF_PID_FROM_LISTENER))) {
         claim_owner(si);
+        si->flags &= ~EVF_PID_FROM_LISTENER;
+    }
 }
 
 // Both fire from sock_sendmsg / sock_recvmsg, i.e. in the syscall's process.
