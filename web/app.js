@@ -24,6 +24,7 @@ let selected = null;
 let health = { text: 'checking…', ok: null };
 let stats = null;
 let lastStatsEvents = null;
+let lastUptime = Infinity;
 let lastTable = 0;
 let lastSlow = 0;
 let renderedVersion = -1;
@@ -39,6 +40,7 @@ const chart = new Chart($('#chart'), $('#chart-readout'));
 const stream = new Stream(API, () => store.maxSeq, {
   onMessage(msg) {
     if (snapshotLoaded) store.apply(msg); else pending.push(msg);
+    if (msg?.type === 'dropped') resyncSoon();
     schedule();
   },
   onStatus() { renderStatus(); },
@@ -47,6 +49,7 @@ const stream = new Stream(API, () => store.maxSeq, {
 function select(id) {
   selected = id;
   table.selected = id;
+  store.pinned = id;
   lastTable = 0;
   schedule();
   if (id) $('#details').scrollTop = 0;
@@ -67,11 +70,14 @@ function render() {
     renderedVersion = store.version;
     lastTable = now;
     table.render(store.conns, serverNow);
+    if (store.evicted) {
+      $('#table-summary').append(` · ${store.evicted} evicted so far to stay under ${LIMITS.maxConnections} in page`);
+    }
     details.render(selected ? store.conns.get(selected) ?? detailsKeep(selected) : null, selected, serverNow);
   }
   if (now - lastSlow >= SLOW_MIN_MS) {
     lastSlow = now;
-    store.enforceLimits(selected);
+    store.enforceLimits();
     const nowSec = Math.floor(serverNow / 1000);
     chart.draw(store.rates, nowSec - 1);
     renderCounters(nowSec);
@@ -146,9 +152,11 @@ async function poll() {
     if (r.ok) {
       stats = await r.json();
       const total = Object.values(stats.events ?? {}).reduce((a, b) => a + (Number(b) || 0), 0);
-      // Counters since start only go down if the service restarted: ids and seqs start over.
-      if (lastStatsEvents != null && total < lastStatsEvents) restartedServer();
+      const uptime = Number(stats.uptime_s ?? Infinity);
+      // Counters since start (and uptime) only go down if the service restarted: ids and seqs start over.
+      if (lastStatsEvents != null && (total < lastStatsEvents || uptime < lastUptime)) restartedServer();
       lastStatsEvents = total;
+      lastUptime = uptime;
     }
   } catch { /* reported through health */ }
   renderHealth();
@@ -171,6 +179,41 @@ async function loadSnapshot() {
   schedule();
 }
 
+/** Server-side narrowing for the filter box: /connections takes port and pid, so a filter naming
+ *  one can fetch matches the page never received (opened before it, evicted, or dropped). */
+function filterQueries(text) {
+  const terms = text.trim().split(/\s+/);
+  const q = new URLSearchParams({ limit: '500' });
+  for (const t of terms) {
+    const m = t.match(/^(port|pid):(\d+)$/);
+    if (m) q.set(m[1], m[2]);
+  }
+  if (q.has('port') || q.has('pid')) return [q.toString()];
+  const bare = terms.find((t) => /^\d+$/.test(t));
+  return bare ? [`port=${bare}&limit=500`, `pid=${bare}&limit=500`] : [];
+}
+
+async function fetchInto(queries) {
+  for (const q of queries) {
+    try {
+      const r = await getJSON(`connections?${q}`);
+      if (r.ok) store.load(await r.json());
+    } catch { /* best effort: the stream still delivers */ }
+  }
+  schedule();
+}
+
+// Dropped events may include a connection's close or its last bytes: refetch the snapshot
+// (at most every few seconds) so rows heal instead of staying stale until they age out.
+let resyncTimer = null;
+function resyncSoon() {
+  if (resyncTimer || !snapshotLoaded) return;
+  resyncTimer = setTimeout(async () => {
+    await fetchInto(['limit=500', ...filterQueries($('#filter').value)]);
+    setTimeout(() => { resyncTimer = null; }, 3000);
+  }, 250);
+}
+
 function restartedServer() {
   store.reset();
   snapshotLoaded = false;
@@ -179,8 +222,14 @@ function restartedServer() {
   loadSnapshot();
 }
 
+let filtering = false;
+let filterFetch = null;
+store.protect = (c) => c.id === selected || (filtering && table.filter(c));
 $('#filter').addEventListener('input', (e) => {
   table.setFilter(e.target.value);
+  filtering = e.target.value.trim() !== '';
+  clearTimeout(filterFetch);
+  filterFetch = setTimeout(() => fetchInto(filterQueries(e.target.value)), 300);
   lastTable = 0;
   schedule();
 });

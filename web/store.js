@@ -58,6 +58,8 @@ export class Store {
     this.serverOffsetMs = 0;  // server clock - browser clock (see syncClock)
     this.eventLag = -Infinity; // max(event ts - arrival time) since the last syncClock
     this.version = 0;         // bumps on any change; views redraw when it moves
+    this.protect = () => false; // set by the app: connections to evict last
+    this.pinned = null;       // the selected connection: never aged out while selected
   }
 
   now() { return Date.now() + this.serverOffsetMs; }
@@ -80,7 +82,8 @@ export class Store {
   load(list) {
     const localNow = Date.now();
     for (const c of list) {
-      if (this.conns.has(c.id)) continue; // the stream already told us something newer
+      const known = this.conns.get(c.id);
+      if (known) { this.#heal(known, c, localNow); continue; }
       const rec = this.#newRecord(c.id, localNow);
       this.#assign(rec, c);
       rec.bytes_sent = c.bytes_sent ?? 0;
@@ -96,6 +99,24 @@ export class Store {
     }
     this.version++;
     this.enforceLimits();
+  }
+
+  /** After events were dropped, a fresh snapshot fills in what they would have told us;
+   *  it only moves a connection forward (more bytes, closed), never back. */
+  #heal(rec, c, localNow) {
+    let changed = false;
+    if ((c.bytes_sent ?? 0) > rec.bytes_sent) { rec.bytes_sent = c.bytes_sent; changed = true; }
+    if ((c.bytes_received ?? 0) > rec.bytes_received) { rec.bytes_received = c.bytes_received; changed = true; }
+    if (rec.closedMs == null && c.closed_at) {
+      rec.closedMs = Date.parse(c.closed_at);
+      rec.closedLocal = localNow;
+      changed = true;
+    }
+    if (rec.closedMs == null || c.closed_at) {
+      if (c.state && c.state !== rec.state) { rec.state = c.state; changed = true; }
+    }
+    if (rec.pid == null && c.pid != null) { rec.pid = c.pid; rec.comm = c.comm; changed = true; }
+    if (changed) rec.version++;
   }
 
   /** Apply one stream message: an event, or a control message such as {"type":"dropped"}. */
@@ -150,29 +171,31 @@ export class Store {
     this.#pushEvent(rec, msg, ts);
     rec.version++;
     this.version++;
-    if (isNew && this.conns.size > LIMITS.maxConnections + 100) this.enforceLimits();
+    if (isNew && this.conns.size > LIMITS.maxConnections) this.enforceLimits();
   }
 
-  /** Age out closed connections and keep the page under its connection cap. */
-  enforceLimits(keepId = null) {
+  /** Age out closed connections and keep the page under its connection cap. Connections the
+   *  user is looking at (`this.protect`: the selected one, those matching the filter) go last. */
+  enforceLimits() {
     const localNow = Date.now();
+    const protect = this.protect;
     let changed = false;
     for (const [id, c] of this.conns) {
-      if (c.closedLocal != null && localNow - c.closedLocal > LIMITS.closedTtlMs && id !== keepId) {
+      if (c.closedLocal != null && localNow - c.closedLocal > LIMITS.closedTtlMs && id !== this.pinned) {
         this.conns.delete(id);
         changed = true;
       }
     }
-    const excess = this.conns.size - LIMITS.maxConnections;
-    if (excess > 0) {
-      // Closed ones first (oldest close first), then the least recently active open ones.
-      const order = [...this.conns.values()].filter((c) => c.id !== keepId).sort((a, b) => {
-        const ac = a.closedLocal != null, bc = b.closedLocal != null;
-        if (ac !== bc) return ac ? -1 : 1;
-        return ac ? a.closedLocal - b.closedLocal : a.lastLocal - b.lastLocal;
+    if (this.conns.size > LIMITS.maxConnections) {
+      // Evict down to 95% so a busy host doesn't pay for a sort on every new connection.
+      const excess = this.conns.size - Math.floor(LIMITS.maxConnections * 0.95);
+      const rank = (c) => (protect(c) ? 2 : 0) + (c.closedLocal != null ? 0 : 1);
+      const order = [...this.conns.values()].map((c) => [rank(c), c]).sort(([ra, a], [rb, b]) => {
+        if (ra !== rb) return ra - rb; // unprotected closed, unprotected open, protected closed, ...
+        return (a.closedLocal ?? a.lastLocal) - (b.closedLocal ?? b.lastLocal);
       });
-      for (const c of order.slice(0, excess)) this.conns.delete(c.id);
-      this.evicted += Math.min(excess, order.length);
+      for (const [, c] of order.slice(0, excess)) this.conns.delete(c.id);
+      this.evicted += excess;
       changed = true;
     }
     if (changed) this.version++;

@@ -168,6 +168,7 @@ export class ConnTable {
       set(row.cells.remote, endpoint(c.dst_addr, c.dst_port));
       set(row.cells.state, c.state ?? '?');
       set(row.cells.pid, procLabel(c.pid, c.comm));
+      row.cells.pid.title = procLabel(c.pid, c.comm); // the cell may be truncated
       set(row.cells.sent, String(c.bytes_sent));
       set(row.cells.recv, String(c.bytes_received));
       row.cells.sent.title = humanBytes(c.bytes_sent);
