@@ -142,9 +142,21 @@ def emit(kind: str, obj: Any) -> None:
 
 async def run(url: str, sub: Subscriber, connect_timeout_s: float) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+    # A plain flag set by a Python-level handler: with a backlog, recv() returns without ever
+    # suspending, so a loop.add_signal_handler callback (and the reporter) would never run.
+    stopping = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        signal.signal(sig, on_signal)
+
+    async def watch_flag() -> None:
+        while not stopping:
+            await asyncio.sleep(0.05)
+        stop.set()
 
     async def reporter() -> None:
         while True:
@@ -169,13 +181,17 @@ async def run(url: str, sub: Subscriber, connect_timeout_s: float) -> None:
         try:
             async for msg in ws:
                 sub.handle(msg)
+                if stopping:
+                    break
+                if sub.messages % 256 == 0:
+                    await asyncio.sleep(0)  # let the reporter and the stop watcher run
         except ConnectionClosed as exc:
             sub.errors.append(f"closed: {exc!r}")
         finally:
             await ws.close()
         stop.set()
 
-    tasks = [asyncio.create_task(reporter()), asyncio.create_task(reader())]
+    tasks = [asyncio.create_task(reporter()), asyncio.create_task(reader()), asyncio.create_task(watch_flag())]
     await stop.wait()
     for t in tasks:
         t.cancel()
