@@ -43,5 +43,8 @@ class Settings(BaseSettings):
     preexisting: bool = True
     preexisting_refresh_s: float = Field(5.0, ge=0)
 
+    # Also drain the ring buffer on a timer, not only when its fd wakes us (0 = never).
+    drain_interval_s: float = Field(0.25, ge=0)
+
     # The dashboard's static files; None = the web/ folder next to the app package.
     web_dir: Path | None = None

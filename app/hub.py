@@ -66,8 +66,8 @@ class Subscriber:
         q.append(item)
         self._wake.set()
 
-    def take(self) -> list[str]:
-        """Everything deliverable now, as JSON texts, control messages first."""
+    def take(self, max_events: int = 1024) -> list[str]:
+        """What is deliverable now (at most `max_events` events), as JSON texts, control messages first."""
         out: list[str] = []
         if self.overwritten:
             n, self.overwritten = self.overwritten, 0
@@ -75,21 +75,28 @@ class Subscriber:
                                    "message": f"{n} events after the requested seq are no longer "
                                               "in the replay buffer"}))
         if self.backlog:
-            out.extend(i.json for i in self.backlog)
-            self.backlog = []
+            chunk, self.backlog = self.backlog[:max_events], self.backlog[max_events:]
+            out.extend(i.json for i in chunk)
+            if self.backlog:
+                return out  # the wake flag stays set: more to come
         if self.dropped_pending:
             # The dropped ones were older than everything still queued: say so before those.
             out.append(json.dumps({"type": "dropped", "count": self.dropped_pending}))
             self.dropped_pending = 0
         q = self.queue
-        out.extend(i.json for i in q)
-        q.clear()
-        self._wake.clear()
+        n = min(len(q), max(0, max_events - len(out)))
+        pop = q.popleft
+        out.extend(pop().json for _ in range(n))
+        if not q:
+            self._wake.clear()
         self.delivered += len(out)
         return out
 
     async def next_batch(self) -> list[str]:
         """Waits until something is deliverable, then takes it; [] once closed."""
+        # Yield once per batch even when more is ready, so the ring-buffer reader and HTTP handlers
+        # interleave with a fast subscriber instead of waiting for its whole backlog.
+        await asyncio.sleep(0)
         while not self.closed:
             await self._wake.wait()
             batch = self.take()

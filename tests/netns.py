@@ -80,6 +80,9 @@ class VethPair:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+            for f in (p.stdin, p.stdout, p.stderr):
+                if f is not None:
+                    f.close()
         for ns in (self.ns_a, self.ns_b):
             # Deleting a namespace removes the veth end inside it, and with it the peer.
             _ip("netns", "del", ns, check=False)

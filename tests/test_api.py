@@ -34,8 +34,13 @@ def record(type_: str, conn: int, *, ts_ns: int, sport: int, dport: int, role: i
         src, dst = socket.inet_aton("10.1.0.1") + bytes(12), socket.inet_aton("10.1.0.2") + bytes(12)
     else:
         src, dst = socket.inet_pton(socket.AF_INET6, "fd00::1"), socket.inet_pton(socket.AF_INET6, "fd00::2")
-    return RECORD.pack(ts_ns, conn, ts_ns, sent, received, pid, 7, src, dst, sport, dport, family,
-                       TYPES[type_], role, STATES[type_], 0, 0, b"proc")
+    # Field order of `struct event` (see app/decode.py RECORD).
+    f: dict[str, object] = dict(
+        ts_ns=ts_ns, conn_id=conn, start_ns=ts_ns, bytes_sent=sent, bytes_received=received, bytes_retrans=0,
+        pid=pid, netns=7, saddr=src, daddr=dst, sport=sport, dport=dport, family=family, type=TYPES[type_],
+        role=role, state=STATES[type_], oldstate=0, flags=0, comm=b"proc",
+    )
+    return RECORD.pack(*f.values())
 
 
 class FakeSource:

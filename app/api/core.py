@@ -63,6 +63,7 @@ class Core:
         self.websockets: set[Any] = set()
         self.shutting_down = False
         self._refresh_task: asyncio.Task[None] | None = None
+        self._drain_task: asyncio.Task[None] | None = None
         self.registry: Any = None  # set by create_app
         self.start_error: BaseException | None = None
 
@@ -104,6 +105,8 @@ class Core:
             raise
         if self.settings.preexisting and self.settings.preexisting_refresh_s > 0:
             self._refresh_task = asyncio.create_task(self._refresh_loop())
+        if self.settings.drain_interval_s > 0:
+            self._drain_task = asyncio.create_task(self._drain_loop())
 
     def _load_preexisting(self) -> None:
         try:
@@ -128,6 +131,16 @@ class Core:
             alive = dict(sockdiag.preexisting(socks, {}))
             self.table.refresh_preexisting(alive)
 
+    async def _drain_loop(self) -> None:
+        # Belt and braces: the ring buffer fd wakes the reader, but the kernel's adaptive wake-up
+        # skips notifications while it thinks the consumer is behind; a slow poll bounds how long
+        # records could sit unread if one were ever missed. An empty drain costs microseconds.
+        while True:
+            await asyncio.sleep(self.settings.drain_interval_s)
+            t = self.tracer
+            if t is not None and t.reading:
+                t.drain()
+
     async def close_websockets(self, code: int = 1001, timeout_s: float = 3.0) -> None:
         """Asks every WebSocket handler to close with `code`, waits (bounded) until they have."""
         self.shutting_down = True
@@ -140,9 +153,10 @@ class Core:
 
     def stop(self) -> None:
         """Detach everything (safe twice)."""
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            self._refresh_task = None
+        for task in (self._refresh_task, self._drain_task):
+            if task is not None:
+                task.cancel()
+        self._refresh_task = self._drain_task = None
         if self.tracer is not None:
             try:
                 self.tracer.drain()

@@ -79,13 +79,18 @@ def run(settings: Settings) -> int:
     logging.basicConfig(level=logging.WARNING, format="conn-tracer: %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     core: Core = app.state.core
+    # No permessage-deflate: compressing every small event costs more CPU than it saves on loopback/LAN.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, ws="websockets-sansio",
                             lifespan="on", log_level="warning", timeout_graceful_shutdown=5,
-                            access_log=False)
+                            access_log=False, ws_per_message_deflate=False)
     server = _Server(config, core)
     logging.getLogger("uvicorn.error").addFilter(_StartFailed(core))
     try:
         asyncio.run(server.serve())
+    except SystemExit as exc:
+        # uvicorn exits with its own status (3) when the lifespan start-up fails; we report it.
+        if core.start_error is None:
+            return exc.code if isinstance(exc.code, int) else 1
     finally:
         core.stop()  # idempotent; covers a crash before the lifespan's own shutdown
     if core.start_error is not None:

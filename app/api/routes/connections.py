@@ -10,6 +10,8 @@ from app.api.deps import CoreDep
 from app.filters import Filter
 from app.models import Connection
 
+# Every handler here is `async def` on purpose: it then runs on the event loop, the only thread that
+# touches the table and the hub (a plain `def` would run in a worker thread, racing the reader).
 router = APIRouter(tags=["connections"])
 
 PortQ = Annotated[int | None, Query(ge=1, le=65535, description="local or remote port")]
@@ -19,7 +21,7 @@ RoleQ = Annotated[Literal["client", "server"] | None, Query(description="client 
 
 
 @router.get("/connections", response_model=list[Connection])
-def list_connections(
+async def list_connections(
     core: CoreDep,
     state: Annotated[Literal["open", "closed", "all"], Query(description="open, closed or all")] = "all",
     port: PortQ = None,
@@ -35,7 +37,7 @@ def list_connections(
 
 @router.get("/connections/{conn_id}", response_model=Connection,
             responses={404: {"description": "no such connection (never seen, or evicted from history)"}})
-def get_connection(core: CoreDep, conn_id: str) -> Connection:
+async def get_connection(core: CoreDep, conn_id: str) -> Connection:
     """One connection by id."""
     c = core.table.get(conn_id)
     if c is None:

@@ -13,7 +13,7 @@ router = APIRouter(tags=["events"])
 
 
 @router.get("/events", response_model=list[Event])
-def list_events(
+async def list_events(
     core: CoreDep,
     after: Annotated[int, Query(ge=0, description="only events with a larger seq")] = 0,
     limit: Annotated[int, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,

@@ -15,7 +15,7 @@ router = APIRouter(tags=["status"])
 
 
 @router.get("/stats", response_model=Stats)
-def stats(core: CoreDep) -> Stats:
+async def stats(core: CoreDep) -> Stats:
     """Counters since start, losses per place they happen."""
     hub, table = core.hub, core.table
     return Stats(
@@ -36,7 +36,7 @@ def stats(core: CoreDep) -> Stats:
 
 
 @router.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "not tracing"}})
-def healthz(core: CoreDep) -> JSONResponse:
+async def healthz(core: CoreDep) -> JSONResponse:
     """200 while the tracer is attached and reading, 503 otherwise."""
     ok, reason = core.healthy()
     body = Health(status="ok" if ok else "unavailable", attach_mode=core.attach_mode, reason=reason)
@@ -45,6 +45,6 @@ def healthz(core: CoreDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}})
-def metrics(core: CoreDep) -> Response:
+async def metrics(core: CoreDep) -> Response:
     """Prometheus text exposition of the /stats counters."""
     return Response(generate_latest(core.registry), media_type=CONTENT_TYPE_LATEST)

@@ -14,7 +14,7 @@ PLACEHOLDER = """<!doctype html><meta charset="utf-8"><title>conn-tracer</title>
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-def index(request: Request) -> Response:
+async def index(request: Request) -> Response:
     """The dashboard."""
     page = request.app.state.web_dir / "index.html"
     if page.is_file():

@@ -51,6 +51,8 @@ async def ws_events(websocket: WebSocket) -> None:
             if not batch:
                 break
             for text in batch:
+                if sub.closed:
+                    break  # the client left mid-batch: writing on would only hit a dead transport
                 await websocket.send_text(text)
         if sub.close_code is not None:
             await websocket.close(code=sub.close_code, reason="server shutting down")
