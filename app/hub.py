@@ -37,8 +37,10 @@ class Subscriber:
     """A bounded queue of items for one consumer; overflow drops the oldest undelivered."""
 
     def __init__(self, hub: EventHub, pred: Predicate | None, maxlen: int, backlog: list[HubItem],
-                 overwritten: int) -> None:
+                 overwritten: int, label: str = "") -> None:
         self.hub = hub
+        self.id = hub.next_subscriber_id
+        self.label = label
         self.pred = pred
         self.maxlen = maxlen
         self.queue: deque[HubItem] = deque(maxlen=maxlen)
@@ -118,6 +120,7 @@ class EventHub:
         self.counts: dict[str, int] = dict.fromkeys(EVENT_TYPES, 0)
         self.dropped_subscribers = 0
         self.subscribers: list[Subscriber] = []
+        self.next_subscriber_id = 0
 
     def publish(self, ev: Event) -> HubItem:
         """Numbers, serialises (once) and fans out one event; synchronous, O(subscribers)."""
@@ -151,7 +154,7 @@ class EventHub:
         start = max(0, after + 1 - first)
         return list(itertools.islice(self.replay, start, None)), overwritten
 
-    def subscribe(self, pred: Predicate | None = None, after: int | None = None) -> Subscriber:
+    def subscribe(self, pred: Predicate | None = None, after: int | None = None, label: str = "") -> Subscriber:
         """Registers a subscriber; with `after`, held events after it come first (no gap, no dup)."""
         backlog: list[HubItem] = []
         overwritten = 0
@@ -159,7 +162,8 @@ class EventHub:
             items, overwritten = self.since(after)
             backlog = [i for i in items if pred(i)] if pred is not None else items
         # Same synchronous step as the snapshot: nothing can be published in between.
-        sub = Subscriber(self, pred, self.queue_events, backlog, overwritten)
+        self.next_subscriber_id += 1
+        sub = Subscriber(self, pred, self.queue_events, backlog, overwritten, label)
         self.subscribers.append(sub)
         return sub
 

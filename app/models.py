@@ -39,7 +39,7 @@ class Event(BaseModel):
     ts: datetime = Field(description="when it happened (UTC)")
     ts_ns: int = Field(description="kernel CLOCK_MONOTONIC timestamp in ns")
     conn_id: str = Field(description="the connection's id")
-    family: Family
+    family: Family = Field(description='"ipv4" or "ipv6"')
     role: Role = Field(description="client = active open, server = passive open")
     state: str = Field(description="TCP state after this event, e.g. ESTABLISHED")
     src_addr: str = Field(description="local address")
@@ -58,15 +58,15 @@ class Connection(BaseModel):
     """A TCP connection as known from its events."""
 
     id: str = Field(description="unique among all connections of one run")
-    family: Family
-    role: Role
+    family: Family = Field(description='"ipv4" or "ipv6"')
+    role: Role = Field(description="client = active open (SYN_SENT), server = passive open (SYN_RECV)")
     state: str = Field(description="kernel TCP state name without the TCP_ prefix")
-    src_addr: str
-    src_port: int
-    dst_addr: str
-    dst_port: int
-    pid: int | None
-    comm: str | None
+    src_addr: str = Field(description="local address, from this socket's point of view")
+    src_port: int = Field(description="local port")
+    dst_addr: str = Field(description="remote address")
+    dst_port: int = Field(description="remote port")
+    pid: int | None = Field(description="owning process id (server socket: the process using it); null while unknown")
+    comm: str | None = Field(description="owning process name; null while unknown")
     bytes_sent: int = Field(description="payload bytes sent, at the latest event")
     bytes_received: int = Field(description="payload bytes received, at the latest event")
     started_at: datetime = Field(description="when the first event of this connection was seen")

@@ -123,3 +123,27 @@ async def test_next_batch_wakes_and_ends_on_close() -> None:
     assert seqs(await sub.next_batch()) == [1, 2]
     sub.close()
     assert await sub.next_batch() == []
+
+
+def test_take_in_bounded_batches_keeps_order() -> None:
+    hub = EventHub(replay_events=100, subscriber_queue_events=50)
+    publish(hub, 30)
+    resumed = hub.subscribe(after=0)          # 30 held events as backlog
+    publish(hub, 10)                          # 10 live ones queued behind them
+    batches = []
+    while batch := resumed.take(max_events=8):
+        batches.append(batch)
+    assert all(len(b) <= 8 for b in batches)
+    assert seqs([m for b in batches for m in b]) == list(range(1, 41))
+
+
+def test_subscriber_counters() -> None:
+    hub = EventHub(subscriber_queue_events=3)
+    a, b = hub.subscribe(label="port=1"), hub.subscribe()
+    publish(hub, 2)
+    b.take()
+    publish(hub, 3)
+    b.take()
+    assert (a.id, b.id, a.label) == (1, 2, "port=1")
+    assert (len(a.queue), a.dropped_total, b.delivered, b.dropped_total) == (3, 2, 5, 0)
+    assert hub.dropped_subscribers == 2

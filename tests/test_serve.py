@@ -578,9 +578,9 @@ def _backpressure(service: Service, slow: ClientConnection, fast: Reader, churn_
     wait_for(lambda: service.json("/stats")["subscribers"] >= 2, 10, "2 subscribers")
     rss_before = rss_kib(service.proc.pid)
     lat = _churn(service, churn_port, conns, rate=3000)
-    # The median says whether the service itself stays responsive; the maximum only has to be sane,
-    # as test hosts are shared and a process can be descheduled for a while.
-    assert lat[len(lat) // 2] < 0.25 and lat[-1] < 5, f"/healthz latencies under load: {lat}"
+    # The median says whether the service itself stays responsive. No bound on the maximum beyond
+    # the client's 10 s timeout: test hosts are shared, and a process can be descheduled for seconds.
+    assert lat[len(lat) // 2] < 0.25, f"/healthz latencies under load: {lat}"
 
     def processed() -> dict[str, Any] | None:
         s: dict[str, Any] = service.json("/stats")

@@ -160,5 +160,6 @@ class Core:
         if self.tracer is not None:
             try:
                 self.tracer.drain()
+                self.pipeline.flush()
             finally:
                 self.tracer.close()

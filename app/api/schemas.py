@@ -5,6 +5,16 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
+class SubscriberStats(BaseModel):
+    """One WebSocket subscriber's queue."""
+
+    id: int = Field(description="subscriber number, in order of connection")
+    filter: str = Field(description="its query filter, as given")
+    queued: int = Field(description="events waiting in its bounded queue now")
+    delivered: int = Field(description="messages handed to its connection")
+    dropped: int = Field(description="events dropped because it was too slow")
+
+
 class Stats(BaseModel):
     """Counters since start; losses are counted per place they happen."""
 
@@ -12,6 +22,8 @@ class Stats(BaseModel):
     lost_kernel: int = Field(description="events the kernel could not put in the full ring buffer")
     dropped_subscribers: int = Field(description="events dropped to slow WebSocket subscribers, all together")
     decode_errors: int = Field(description="ring-buffer records that could not be decoded (skipped)")
+    backlog_dropped: int = Field(description="records shed because processing fell too far behind (overload)")
+    backlog_records: int = Field(description="records read from the ring buffer, waiting to be processed")
     connections_open: int = Field(description="open connections in the table")
     connections_closed_kept: int = Field(description="closed connections still held (max_closed_connections)")
     connections_preexisting: int = Field(description="connections read from sock_diag at start-up, still open")
@@ -21,6 +33,7 @@ class Stats(BaseModel):
     replay_first_seq: int = Field(description="seq of the oldest event held")
     uptime_s: float = Field(description="seconds since the service started")
     attach_mode: str = Field(description="kernel hooks in use, e.g. which data-queue hook")
+    subscriber_queues: list[SubscriberStats] = Field(description="per WebSocket subscriber: queue, deliveries, drops")
 
 
 class Health(BaseModel):

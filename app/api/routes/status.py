@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import CoreDep
-from app.api.schemas import Health, Stats
+from app.api.schemas import Health, Stats, SubscriberStats
 
 router = APIRouter(tags=["status"])
 
@@ -23,6 +23,8 @@ async def stats(core: CoreDep) -> Stats:
         lost_kernel=core.lost_kernel(),
         dropped_subscribers=hub.dropped_subscribers,
         decode_errors=core.pipeline.decode_errors,
+        backlog_dropped=core.pipeline.backlog_dropped,
+        backlog_records=core.pipeline.backlog,
         connections_open=table.open_count,
         connections_closed_kept=table.closed_count,
         connections_preexisting=table.preexisting_count,
@@ -32,6 +34,8 @@ async def stats(core: CoreDep) -> Stats:
         replay_first_seq=hub.first_seq,
         uptime_s=round(time.monotonic() - core.started_mono, 3),
         attach_mode=core.attach_mode,
+        subscriber_queues=[SubscriberStats(id=sub.id, filter=sub.label, queued=len(sub.queue), delivered=sub.delivered,
+                                           dropped=sub.dropped_total) for sub in hub.subscribers],
     )
 
 

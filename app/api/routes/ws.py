@@ -42,7 +42,7 @@ async def ws_events(websocket: WebSocket) -> None:
     if core.shutting_down:
         await websocket.close(code=1001, reason="server shutting down")
         return
-    sub = core.hub.subscribe(filt.predicate(), after)
+    sub = core.hub.subscribe(filt.predicate(), after, label=str(websocket.query_params))
     core.websockets.add(websocket)
     watcher = asyncio.create_task(_watch_disconnect(websocket, sub))
     try:
