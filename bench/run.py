@@ -207,8 +207,12 @@ def wait_for(cond: Callable[[], bool], timeout_s: float, what: str, step_s: floa
     return time.monotonic() - t0
 
 
-def wait_idle(pid: int, timeout_s: float = 30.0, quiet_cpu_s: float = 0.02, step_s: float = 0.25) -> float:
-    """Wait until pid's CPU use stays below quiet_cpu_s per step twice in a row (it has drained)."""
+def wait_idle(pid: int, timeout_s: float = 10.0, quiet_cpu_s: float = 0.04, step_s: float = 0.25) -> float:
+    """Wait until pid's CPU use stays below quiet_cpu_s per step twice in a row (it has drained).
+
+    The bound is loose (16% of a core) and the wait short because other people's TCP traffic on a
+    shared machine keeps every tracer a little busy; a drained tool is far below that.
+    """
     t0 = time.monotonic()
     last, quiet = cpu_s(pid), 0
     while time.monotonic() - t0 < timeout_s and quiet < 2:
@@ -470,11 +474,11 @@ def run_peer(tool: str, churn: Churn, prof: Profile, rnd: int) -> dict[str, Any]
         t = time.monotonic()
         wait_for(lambda: (p.alive() or _raise(Skip(f"{tool} exited: {p.log_tail()}"))) and bpf_attached(p.pid),
                  60, f"{tool} to attach")
-        wait_idle(p.pid, 30)
+        wait_idle(p.pid)
         res["startup_s"] = time.monotonic() - t
         c0 = cpu_s(p.pid)
         ch = churn.run(port, prof.churn_s)
-        res["drain_s"] = wait_idle(p.pid, 30)
+        res["drain_s"] = wait_idle(p.pid)
         res.update(churn=ch, cpu_s=cpu_s(p.pid) - c0, rss_kb=memory_kb(p.pid))
     finally:
         # SIGINT: the tools catch KeyboardInterrupt and exit, flushing buffered stdout.
@@ -532,7 +536,7 @@ def run_bare(churn: Churn, prof: Profile, rnd: int) -> dict[str, Any]:
         port = free_port()
         c0 = cpu_s(p.pid)
         ch = churn.run(port, prof.churn_s)
-        res["drain_s"] = wait_idle(p.pid, 30)
+        res["drain_s"] = wait_idle(p.pid)
         res.update(churn=ch, cpu_s=cpu_s(p.pid) - c0)
     finally:
         p.stop(signal.SIGINT, 15)
