@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from app.bpf.loader import Tracer, TracerError, check_host
 from app.config import Settings
 from app.decode import DecodeError, Decoder
-from app.models import Event
+from app.models import Event, event_json
 
 
 def _port(value: str) -> int:
@@ -117,8 +117,8 @@ async def _trace(settings: Settings, as_json: bool) -> int:
                 bad += 1
                 continue
             seq += 1
-            ev.seq = seq
-            lines.append(ev.model_dump_json() if as_json else format_event(ev))
+            ev.__dict__["seq"] = seq   # bypasses pydantic's __setattr__: once per event
+            lines.append(event_json(ev) if as_json else format_event(ev))
         if lines:
             out.write("\n".join(lines) + "\n")
             out.flush()

@@ -44,6 +44,7 @@ class Decoder:
     def __init__(self, wall_offset_ns: int) -> None:
         self.wall_offset_ns = wall_offset_ns
         self._comms: dict[bytes, str] = {}
+        self._addrs: dict[bytes, str] = {}
 
     def decode(self, raw: bytes) -> Event:
         if len(raw) < RECORD.size:
@@ -57,11 +58,15 @@ class Decoder:
         except (KeyError, IndexError) as exc:
             raise DecodeError(f"unknown type/role/state {type_}/{role}/{state}") from exc
         if family == 4:
-            af, alen, family_name = socket.AF_INET, 4, "ipv4"
+            family_name = "ipv4"
+            saddr, daddr = saddr[:4], daddr[:4]
         elif family == 6:
-            af, alen, family_name = socket.AF_INET6, 16, "ipv6"
+            family_name = "ipv6"
         else:
             raise DecodeError(f"unknown family {family}")
+        addrs = self._addrs
+        src = addrs.get(saddr) or self._addr(saddr)
+        dst = addrs.get(daddr) or self._addr(daddr)
         # tcp_sock.bytes_received advances with rcv_nxt, and a received FIN takes one
         # sequence number: it is not payload (KERNEL.md).
         if flags & FLAG_FIN_RECEIVED and bytes_received > 0:
@@ -79,9 +84,9 @@ class Decoder:
             "family": family_name,
             "role": role_name,
             "state": state_name,
-            "src_addr": socket.inet_ntop(af, saddr[:alen]),
+            "src_addr": src,
             "src_port": sport,
-            "dst_addr": socket.inet_ntop(af, daddr[:alen]),
+            "dst_addr": dst,
             "dst_port": dport,
             "pid": pid or None,
             "comm": self._comm(comm) if pid else None,
@@ -90,6 +95,13 @@ class Decoder:
             "bytes_retrans": bytes_retrans,
             "netns": netns,
         })
+
+    def _addr(self, raw: bytes) -> str:
+        # Hosts talk to the same few addresses over and over: format each once.
+        if len(self._addrs) >= 65536:
+            self._addrs.clear()
+        text = self._addrs[raw] = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+        return text
 
     def _comm(self, raw: bytes) -> str:
         name = self._comms.get(raw)

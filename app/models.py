@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import functools
+import json
+import time
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -75,3 +78,44 @@ class Connection(BaseModel):
     netns: int = Field(0, description="network namespace inode number")
     preexisting: bool = Field(False, description="already open when the tracer started (read from sock_diag)")
     events: int = Field(0, description="events seen for this connection")
+
+
+# --- Fast JSON for the event hot path -------------------------------------------
+# The hub serialises every event once; pydantic's model_dump_json costs ~3.5 us per
+# event, this ~1 us. Output is the same JSON document (tests compare the two).
+
+_EVENT_JSON = (
+    '{"seq":%d,"type":"%s","ts":"%s","ts_ns":%d,"conn_id":%s,"family":"%s","role":"%s","state":"%s",'
+    '"src_addr":"%s","src_port":%d,"dst_addr":"%s","dst_port":%d,"pid":%s,"comm":%s,'
+    '"bytes_sent":%d,"bytes_received":%d,"bytes_retrans":%d,"netns":%d}'
+)
+_second_prefix: dict[int, str] = {}
+
+
+def iso_utc(ts: datetime) -> str:
+    """ISO 8601 UTC with a Z, as pydantic writes it (fraction only when non-zero)."""
+    sec = int(ts.timestamp()) if ts.tzinfo else int(ts.replace(tzinfo=UTC).timestamp())
+    prefix = _second_prefix.get(sec)
+    if prefix is None:
+        if len(_second_prefix) > 64:   # consecutive events share a second; keep a few
+            _second_prefix.clear()
+        prefix = _second_prefix[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    us = ts.microsecond
+    return f"{prefix}.{us:06d}Z" if us else f"{prefix}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_str(s: str) -> str:
+    return json.dumps(s)
+
+
+def event_json(ev: Event) -> str:
+    """ev.model_dump_json(), several times faster, for the fields Event has."""
+    d = ev.__dict__
+    pid, comm = d["pid"], d["comm"]
+    return _EVENT_JSON % (
+        d["seq"], d["type"], iso_utc(d["ts"]), d["ts_ns"], _json_str(d["conn_id"]), d["family"], d["role"],
+        d["state"], d["src_addr"], d["src_port"], d["dst_addr"], d["dst_port"],
+        "null" if pid is None else int(pid), "null" if comm is None else _json_str(comm),
+        d["bytes_sent"], d["bytes_received"], d["bytes_retrans"], d["netns"],
+    )

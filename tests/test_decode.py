@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
 
 from app.decode import RECORD, DecodeError, Decoder
-from app.models import Event
+from app.models import Event, event_json
 
 
 def record(**over: object) -> bytes:
@@ -71,3 +72,17 @@ def test_decoded_event_is_a_valid_event() -> None:
     assert Event.model_validate(ev.model_dump()) == ev
     ev.seq = 9
     assert Event.model_validate_json(ev.model_dump_json()).seq == 9
+
+
+@pytest.mark.parametrize("over", [
+    {},
+    dict(pid=0),
+    dict(comm=b'we"ird\\name\x01'),
+    dict(comm="caf\u00e9".encode()),
+    dict(ts_ns=0),
+    dict(family=6, saddr=socket.inet_pton(socket.AF_INET6, "fd00::1"), daddr=bytes(16)),
+])
+def test_event_json_is_the_models_json(over: dict[str, object]) -> None:
+    ev = Decoder(wall_offset_ns=1_700_000_000_000_000_000).decode(record(**over))
+    ev.__dict__["seq"] = 12
+    assert json.loads(event_json(ev)) == json.loads(ev.model_dump_json())

@@ -78,6 +78,7 @@ struct sock_info {
     u64 conn_id;
     u64 start_ns;
     u64 last_dq_ns;
+    u64 last_dq_payload;   // payload bytes received at the last data-queue event
     u32 pid;
     u8 role;
     u8 state;
@@ -299,6 +300,14 @@ static __always_inline void on_data_queued(const void *sk) {
     if (si->last_dq_ns && now - si->last_dq_ns < DATA_QUEUE_INTERVAL_NS)
         return;
 #endif
+    // sk_data_ready also fires for a bare FIN (to wake a reader for EOF): that is
+    // no new data, and CLOSE reports the final counters anyway.
+    u64 rx = 0;
+    bpf_probe_read_kernel(&rx, sizeof(rx), (const char *)sk + OFF_BYTES_RECEIVED);
+    u64 payload = rx - (read_fin_flag(sk) && rx ? 1 : 0);
+    if (payload == si->last_dq_payload)
+        return;
+    si->last_dq_payload = payload;
     si->last_dq_ns = now;
     emit(sk, si, EV_DATA_QUEUE, 0, now);
 }
