@@ -72,6 +72,7 @@ class Connection(BaseModel):
     comm: str | None = Field(description="owning process name; null while unknown")
     bytes_sent: int = Field(description="payload bytes sent, at the latest event")
     bytes_received: int = Field(description="payload bytes received, at the latest event")
+    bytes_retrans: int = Field(0, description="bytes retransmitted, at the latest event")
     started_at: datetime = Field(description="when the first event of this connection was seen")
     closed_at: datetime | None = Field(description="null while open")
     duration_ms: float = Field(description="start to close, or to now while open")

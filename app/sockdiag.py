@@ -34,6 +34,7 @@ RTATTR = struct.Struct("=HH")
 # struct tcp_info (uapi linux/tcp.h): u64 tcpi_bytes_received at 128, u64 tcpi_bytes_sent at 200.
 TCPI_BYTES_RECEIVED = struct.Struct("=Q"), 128
 TCPI_BYTES_SENT = struct.Struct("=Q"), 200
+TCPI_BYTES_RETRANS = struct.Struct("=Q"), 208   # bytes_sent counts retransmissions again
 
 ST_LISTEN = 10
 SKIP_STATES = {6, 7, 10, 12}  # TIME_WAIT, CLOSE (not a connection), LISTEN, NEW_SYN_RECV (request socks)
@@ -96,6 +97,9 @@ def _parse_diag(data: bytes, off: int, end: int) -> DiagSocket:
                 received = fmt_r.unpack_from(info, off_r)[0]
             if len(info) >= off_s + 8:
                 sent = fmt_s.unpack_from(info, off_s)[0]
+            fmt_x, off_x = TCPI_BYTES_RETRANS
+            if len(info) >= off_x + 8:
+                sent -= min(sent, fmt_x.unpack_from(info, off_x)[0])
         a += _align4(rlen)
     if state in FIN_RECEIVED_STATES and received > 0:
         received -= 1
@@ -191,6 +195,7 @@ def preexisting(socks: list[DiagSocket], owners: dict[int, tuple[int, str]] | No
         pid, comm = owners.get(d.inode, (None, None)) if d.inode else (None, None)
         c.pid, c.comm = pid, comm
         c.bytes_sent, c.bytes_received = d.bytes_sent, d.bytes_received
+        c.bytes_retrans = 0   # tcp_info has it too, but the kernel path reports it from here on
         c.started_at = now
         c.netns = netns
         c.preexisting = True

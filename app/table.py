@@ -13,7 +13,7 @@ from app.filters import Predicate
 from app.models import Connection, Event
 
 FIELDS = ("id", "family", "role", "state", "src_addr", "src_port", "dst_addr", "dst_port", "pid", "comm",
-          "bytes_sent", "bytes_received", "started_at", "netns", "preexisting", "events")
+          "bytes_sent", "bytes_received", "bytes_retrans", "started_at", "netns", "preexisting", "events")
 
 
 class ConnRecord:
@@ -33,6 +33,7 @@ class ConnRecord:
     comm: str | None
     bytes_sent: int
     bytes_received: int
+    bytes_retrans: int
     started_at: datetime
     netns: int
     preexisting: bool
@@ -65,6 +66,7 @@ def record_from_event(ev: Event) -> ConnRecord:
     c.comm = ev.comm
     c.bytes_sent = ev.bytes_sent
     c.bytes_received = ev.bytes_received
+    c.bytes_retrans = ev.bytes_retrans
     c.started_at = ev.ts
     c.netns = ev.netns
     c.preexisting = False
@@ -113,6 +115,7 @@ class ConnectionTable:
                 # A late event after close (e.g. a final data_queue): counters only.
                 c.bytes_sent = ev.bytes_sent
                 c.bytes_received = ev.bytes_received
+                c.bytes_retrans = ev.bytes_retrans
                 c.events += 1
                 return
         else:
@@ -122,6 +125,7 @@ class ConnectionTable:
         c.last_ns = ev.ts_ns
         c.bytes_sent = ev.bytes_sent
         c.bytes_received = ev.bytes_received
+        c.bytes_retrans = ev.bytes_retrans
         # The kernel learns the local port after SYN_SENT; take addresses from the latest event.
         if ev.src_port:
             c.src_addr = ev.src_addr
