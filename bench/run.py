@@ -505,11 +505,28 @@ def run_peer(tool: str, churn: Churn, prof: Profile, rnd: int) -> dict[str, Any]
         res["drain_s"] = wait_idle(p.pid, 3)
         res.update(churn=ch, cpu_s=cpu_s(p.pid) - c0, rss_kb=memory_kb(p.pid))
     finally:
-        # SIGINT: the tools catch KeyboardInterrupt and exit, flushing buffered stdout.
-        res["exit_rc"] = p.stop(signal.SIGINT, 15)
+        res["exit_rc"] = stop_bcc_tool(p)
     res.update(parse_peer(tool, out_file, p.log, port))
     out_file.unlink(missing_ok=True)  # can be hundreds of MB
     return res
+
+
+def stop_bcc_tool(p: Proc) -> int | None:
+    """SIGINT, which the tools turn into a clean exit that flushes their buffered stdout.
+
+    The signal is only acted on once perf_buffer_poll() returns, i.e. after the next event, so
+    one loopback connection per half second wakes the tool; SIGKILL (losing the buffered tail of
+    the output) only if it still has not exited after 10 s.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        p.popen.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 10
+    while p.alive() and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            probe_connection(free_port())
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.popen.wait(0.5)
+    return p.stop(signal.SIGKILL, 5) if p.alive() else p.stop()
 
 
 def _raise(exc: Exception) -> bool:
