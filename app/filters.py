@@ -99,6 +99,11 @@ def _choice(param: str, raw: str, choices: tuple[str, ...]) -> str:
     return raw
 
 
+def parse_batch(params: dict[str, str]) -> int:
+    """`batch=N` (WebSocket): up to N events per message as a JSON array; 0 or absent: one per message."""
+    return _int("batch", params.pop("batch"), 0, 65536) if "batch" in params else 0
+
+
 def parse_filter(params: dict[str, str]) -> tuple[Filter, int | None]:
     """Validates raw query parameters (WebSocket); returns the filter and `after`. Raises FilterError."""
     known = {"port", "pid", "family", "role", "type", "after"}

@@ -75,7 +75,12 @@ class Subscriber:
     def handle(self, raw: str | bytes) -> None:
         now = time.monotonic_ns()
         self.messages += 1
-        ev = json.loads(raw)
+        msg = json.loads(raw)
+        # With ?batch=N a message is a JSON array of events (and control messages).
+        for ev in msg if isinstance(msg, list) else (msg,):
+            self.handle_one(ev, now)
+
+    def handle_one(self, ev: dict[str, Any], now: int) -> None:
         etype = ev.get("type")
         if etype == "dropped":
             self.dropped_messages += 1

@@ -195,7 +195,19 @@ def test_websocket_filtered_resume_and_bad_params(api: tuple[TestClient, FakeSou
         assert (e["seq"], e["type"]) == (10, "close")
     with client.websocket_connect("/ws?after=9&type=syn_sent") as ws:
         assert json.loads(ws.receive_text())["seq"] == 11
-    for q, param in (("port=abc", "port"), ("family=ipv5", "family"), ("type=nope", "type"), ("after=-1", "after")):
+    for q, param in (("port=abc", "port"), ("family=ipv5", "family"), ("type=nope", "type"), ("after=-1", "after"),
+                     ("batch=x", "batch"), ("batch=-2", "batch")):
         with client.websocket_connect(f"/ws?{q}") as ws, pytest.raises(WebSocketDisconnect) as ei:
             ws.receive_text()
         assert ei.value.code == 1008 and param in ei.value.reason
+
+
+def test_websocket_batch_mode_sends_arrays_in_seq_order(api: tuple[TestClient, FakeSource]) -> None:
+    client, _ = api
+    with client.websocket_connect("/ws?after=0&batch=4") as ws:
+        got: list[dict[str, object]] = []
+        while len(got) < 9:
+            msg = json.loads(ws.receive_text())
+            assert isinstance(msg, list) and 1 <= len(msg) <= 4
+            got.extend(msg)
+    assert [e["seq"] for e in got] == list(range(1, 10))
