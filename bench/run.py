@@ -889,7 +889,7 @@ def fmt(v: Any, nd: int = 3) -> str:
 
 def print_table(s: dict[str, Any], tg: list[dict[str, Any]], skipped: dict[str, str]) -> None:
     c = s["configs"]
-    print("\n== per configuration (medians over rounds) ==")
+    print(f"\n== per configuration (medians over rounds; subscriber /ws?{TracerSession.ws_query}) ==")
     hdr = f"{'config':<12} {'conn/s':>9} {'ratio':>6} {'cpu us/conn':>11} {'cpu us/ev':>9} {'ev/conn':>7} " \
           f"{'complete':>8} {'lost':>8}"
     print(hdr)
@@ -980,8 +980,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--churn-seconds", type=float)
     ap.add_argument("--configs", default=",".join(CONFIGS), help="subset of " + ",".join(CONFIGS))
-    ap.add_argument("--ws-query", default="",
-                    help="query string for the subscriber, e.g. 'type=close' (default: unfiltered, like the dashboard)")
+    ap.add_argument("--ws-query", default="batch=256",
+                    help="query string for the subscriber (default 'batch=256': unfiltered, up to 256 events per "
+                         "message, as a high-volume consumer would; '' for one event per message)")
     ap.add_argument("--skip-iperf", action="store_true")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--rss-count", type=int)
@@ -1075,7 +1076,8 @@ def main() -> int:
         for name, pct in profile["inclusive_pct"][:18]:
             print(f"    {pct:5.1f}%  {name[:100]}")
     result = {
-        "meta": {"timestamp": stamp, "kernel": platform.release(), "cpus": os.cpu_count(), "quick": args.quick,
+        "meta": {"ws_query": TracerSession.ws_query,
+                 "timestamp": stamp, "kernel": platform.release(), "cpus": os.cpu_count(), "quick": args.quick,
                  "profile": asdict(prof), "argv": sys.argv[1:], "wall_s": round(time.time() - started, 1),
                  "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                        capture_output=True, text=True).stdout.strip(),
