@@ -11,7 +11,7 @@ import struct
 from datetime import UTC, datetime
 from typing import Any
 
-from app.models import TCP_STATES, Event
+from app.models import TCP_STATES, Event, event_json_tail, iso_utc_parts
 
 # ts_ns conn_id start_ns bytes_sent bytes_received bytes_retrans | pid netns | saddr daddr |
 # sport dport | family type role state oldstate flags pad[2] | comm | tail padding
@@ -74,13 +74,19 @@ class Decoder:
         # tcp_sock.bytes_sent counts every transmission; a retransmitted byte is
         # still one payload byte (KERNEL.md).
         bytes_sent -= min(bytes_retrans, bytes_sent)
-        wall = (ts_ns + self.wall_offset_ns) / 1e9
+        wall_ns = ts_ns + self.wall_offset_ns
+        cid = conn_id_str(conn_id)
+        pid_v = pid or None
+        comm_v = self._comm(comm) if pid else None
+        tail = event_json_tail(type_name, iso_utc_parts(wall_ns // 1_000_000_000, wall_ns // 1000 % 1_000_000),
+                               ts_ns, cid, family_name, role_name, state_name, src, sport, dst, dport, pid_v,
+                               comm_v, bytes_sent, bytes_received, bytes_retrans, netns)
         return _trusted_event({
             "seq": 0,
             "type": type_name,
-            "ts": datetime.fromtimestamp(wall, UTC),
+            "ts": datetime.fromtimestamp(wall_ns // 1000 / 1e6, UTC),
             "ts_ns": ts_ns,
-            "conn_id": conn_id_str(conn_id),
+            "conn_id": cid,
             "family": family_name,
             "role": role_name,
             "state": state_name,
@@ -88,13 +94,13 @@ class Decoder:
             "src_port": sport,
             "dst_addr": dst,
             "dst_port": dport,
-            "pid": pid or None,
-            "comm": self._comm(comm) if pid else None,
+            "pid": pid_v,
+            "comm": comm_v,
             "bytes_sent": bytes_sent,
             "bytes_received": bytes_received,
             "bytes_retrans": bytes_retrans,
             "netns": netns,
-        })
+        }, tail)
 
     def _addr(self, raw: bytes) -> str:
         # Hosts talk to the same few addresses over and over: format each once.
@@ -116,7 +122,7 @@ _new_event = Event.__new__
 _set = object.__setattr__
 
 
-def _trusted_event(fields: dict[str, Any]) -> Event:
+def _trusted_event(fields: dict[str, Any], json_tail: str) -> Event:
     """An Event from fields this module has already checked, without validation.
 
     What Event.model_construct does, minus its per-field default handling: a
@@ -126,5 +132,5 @@ def _trusted_event(fields: dict[str, Any]) -> Event:
     _set(ev, "__dict__", fields)
     _set(ev, "__pydantic_fields_set__", set(fields))
     _set(ev, "__pydantic_extra__", None)
-    _set(ev, "__pydantic_private__", None)
+    _set(ev, "__pydantic_private__", {"_json_tail": json_tail})
     return ev

@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 EventType = Literal["syn_sent", "syn_recv", "established", "data_queue", "close", "state_change"]
 Family = Literal["ipv4", "ipv6"]
@@ -56,6 +56,10 @@ class Event(BaseModel):
     bytes_retrans: int = Field(0, description="bytes retransmitted (tcp_sock.bytes_retrans)")
     netns: int = Field(description="network namespace inode number")
 
+    # The JSON after "seq", written by the decoder (see event_json). Decoded events
+    # are not changed afterwards, except for seq, which is not in it.
+    _json_tail: str | None = PrivateAttr(default=None)
+
 
 class Connection(BaseModel):
     """A TCP connection as known from its events."""
@@ -83,40 +87,58 @@ class Connection(BaseModel):
 
 # --- Fast JSON for the event hot path -------------------------------------------
 # The hub serialises every event once; pydantic's model_dump_json costs ~3.5 us per
-# event, this ~1 us. Output is the same JSON document (tests compare the two).
+# event. The decoder writes everything after "seq" while it holds the raw values
+# (Event._json_tail); the hub only prepends the seq. The output is the same JSON
+# document as model_dump_json (tests compare the two).
 
-_EVENT_JSON = (
-    '{"seq":%d,"type":"%s","ts":"%s","ts_ns":%d,"conn_id":%s,"family":"%s","role":"%s","state":"%s",'
+_EVENT_JSON_TAIL = (
+    '"type":"%s","ts":"%s","ts_ns":%d,"conn_id":%s,"family":"%s","role":"%s","state":"%s",'
     '"src_addr":"%s","src_port":%d,"dst_addr":"%s","dst_port":%d,"pid":%s,"comm":%s,'
     '"bytes_sent":%d,"bytes_received":%d,"bytes_retrans":%d,"netns":%d}'
 )
 _second_prefix: dict[int, str] = {}
 
 
-def iso_utc(ts: datetime) -> str:
+def iso_utc_parts(sec: int, us: int) -> str:
     """ISO 8601 UTC with a Z, as pydantic writes it (fraction only when non-zero)."""
-    sec = int(ts.timestamp()) if ts.tzinfo else int(ts.replace(tzinfo=UTC).timestamp())
     prefix = _second_prefix.get(sec)
     if prefix is None:
         if len(_second_prefix) > 64:   # consecutive events share a second; keep a few
             _second_prefix.clear()
         prefix = _second_prefix[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    us = ts.microsecond
     return f"{prefix}.{us:06d}Z" if us else f"{prefix}Z"
 
 
+def iso_utc(ts: datetime) -> str:
+    """iso_utc_parts() of a datetime (naive ones are taken as UTC)."""
+    aware = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    return iso_utc_parts(int(aware.timestamp()), ts.microsecond)
+
+
 @functools.lru_cache(maxsize=4096)
-def _json_str(s: str) -> str:
+def json_str(s: str) -> str:
+    """A JSON string literal (cached: the same names and ids recur)."""
     return json.dumps(s)
 
 
-def event_json(ev: Event) -> str:
-    """ev.model_dump_json(), several times faster, for the fields Event has."""
-    d = ev.__dict__
-    pid, comm = d["pid"], d["comm"]
-    return _EVENT_JSON % (
-        d["seq"], d["type"], iso_utc(d["ts"]), d["ts_ns"], _json_str(d["conn_id"]), d["family"], d["role"],
-        d["state"], d["src_addr"], d["src_port"], d["dst_addr"], d["dst_port"],
-        "null" if pid is None else int(pid), "null" if comm is None else _json_str(comm),
-        d["bytes_sent"], d["bytes_received"], d["bytes_retrans"], d["netns"],
+def event_json_tail(type_: str, ts_text: str, ts_ns: int, conn_id: str, family: str, role: str, state: str,
+                    src_addr: str, src_port: int, dst_addr: str, dst_port: int, pid: int | None,
+                    comm: str | None, bytes_sent: int, bytes_received: int, bytes_retrans: int, netns: int) -> str:
+    """An event's JSON after `{"seq":N,`. Addresses, names and states are plain ASCII by construction."""
+    return _EVENT_JSON_TAIL % (
+        type_, ts_text, ts_ns, json_str(conn_id), family, role, state, src_addr, src_port, dst_addr, dst_port,
+        "null" if pid is None else int(pid), "null" if comm is None else json_str(comm),
+        bytes_sent, bytes_received, bytes_retrans, netns,
     )
+
+
+def event_json(ev: Event) -> str:
+    """ev.model_dump_json(), several times faster."""
+    d = ev.__dict__
+    priv = ev.__pydantic_private__
+    tail = priv.get("_json_tail") if priv else None
+    if tail is None:
+        tail = event_json_tail(d["type"], iso_utc(d["ts"]), d["ts_ns"], d["conn_id"], d["family"], d["role"],
+                               d["state"], d["src_addr"], d["src_port"], d["dst_addr"], d["dst_port"], d["pid"],
+                               d["comm"], d["bytes_sent"], d["bytes_received"], d["bytes_retrans"], d["netns"])
+    return f'{{"seq":{d["seq"]},{tail}'

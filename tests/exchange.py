@@ -9,52 +9,48 @@ from dataclasses import dataclass
 
 from tests.netns import VethPair
 
+# Peers run as their own processes (pids to check), in a namespace where asked.
+# SERVER host port a b n server_closes_first: accepts n clients in turn.
 SERVER = r"""
 import json, os, socket, sys
-host, a, b, server_closes_first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-ls = socket.socket(fam, socket.SOCK_STREAM)
-ls.bind((host, 0))
+host, server_closes_first = sys.argv[1], sys.argv[6] == "1"
+port, a, b, n = (int(x) for x in sys.argv[2:6])
+ls = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((host, port))
 ls.listen(8)
 print(json.dumps({"pid": os.getpid(), "port": ls.getsockname()[1]}), flush=True)
-c, peer = ls.accept()
-got = 0
-while got < a:
-    d = c.recv(65536)
-    if not d:
-        break
-    got += len(d)
-c.sendall(b"y" * b)
-if not server_closes_first:
-    while c.recv(65536):
-        pass
-c.close()
+for _ in range(n):
+    c, peer = ls.accept()
+    got = 0
+    while got < a:
+        d = c.recv(65536)
+        if not d:
+            break
+        got += len(d)
+    c.sendall(b"y" * b)
+    if not server_closes_first:
+        while c.recv(65536):  # the client closes first; we close on its FIN
+            pass
+    c.close()
+    print(json.dumps({"received": got, "peer_port": peer[1]}), flush=True)
 ls.close()
-print(json.dumps({"received": got, "peer_port": peer[1]}), flush=True)
 """
 
+# CLIENT host port a b server_closes_first: sends a, reads b (to EOF if the server closes first).
 CLIENT = r"""
 import json, os, socket, sys
 host, server_closes_first = sys.argv[1], sys.argv[5] == "1"
 port, a, b = (int(x) for x in sys.argv[2:5])
-fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_STREAM)
-s.connect((host, port))
+s = socket.create_connection((host, port), timeout=20)
 local = s.getsockname()
 s.sendall(b"x" * a)
 got = 0
-if server_closes_first:
-    while True:
-        d = s.recv(65536)
-        if not d:
-            break
-        got += len(d)
-else:
-    while got < b:
-        d = s.recv(65536)
-        if not d:
-            break
-        got += len(d)
+while server_closes_first or got < b:
+    d = s.recv(65536)
+    if not d:
+        break
+    got += len(d)
 s.close()
 print(json.dumps({"pid": os.getpid(), "addr": local[0], "port": local[1], "received": got}), flush=True)
 """
@@ -95,7 +91,7 @@ def run_exchange(server_addr: str, a: int, b: int, *, net: VethPair | None = Non
                  server_closes_first: bool = True, timeout: float = 20) -> Exchange:
     """Client sends `a` bytes, server answers `b`, both close; returns the facts."""
     first = "1" if server_closes_first else "0"
-    srv = _spawn(net, server_ns, SERVER, server_addr, a, b, first)
+    srv = _spawn(net, server_ns, SERVER, server_addr, 0, a, b, 1, first)
     try:
         hello = _line(srv)
         cli = _spawn(net, client_ns, CLIENT, server_addr, hello["port"], a, b, first)

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from tests.exchange import CLIENT, SERVER
 from tests.netns import VethPair
 
 pytestmark = pytest.mark.bpf
@@ -174,46 +175,6 @@ def net() -> Iterator[VethPair]:
         yield n
 
 
-SERVER = r"""
-import json, os, socket, sys
-host, port, a, b, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-ls = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind((host, port))
-ls.listen(8)
-print(json.dumps({"pid": os.getpid(), "port": ls.getsockname()[1]}), flush=True)
-for _ in range(n):
-    c, peer = ls.accept()
-    got = 0
-    while got < a:
-        d = c.recv(65536)
-        if not d:
-            break
-        got += len(d)
-    c.sendall(b"y" * b)
-    while c.recv(65536):  # the client closes first; we close on its FIN
-        pass
-    c.close()
-    print(json.dumps({"received": got, "peer_port": peer[1]}), flush=True)
-"""
-
-CLIENT = r"""
-import json, os, socket, sys
-host, port, a, b = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-s = socket.create_connection((host, port), timeout=20)
-local = s.getsockname()
-s.sendall(b"x" * a)
-got = 0
-while got < b:
-    d = s.recv(65536)
-    if not d:
-        break
-    got += len(d)
-s.close()
-print(json.dumps({"pid": os.getpid(), "addr": local[0], "port": local[1], "received": got}), flush=True)
-"""
-
-
 @dataclass
 class Exchange:
     """Client in ns_b sends `a` bytes to a server in ns_a, which answers `b` bytes; both close."""
@@ -231,7 +192,7 @@ class Exchange:
 
     def __enter__(self) -> Exchange:
         self._srv = self.net.run_in(self.net.ns_a, [sys.executable, "-c", SERVER, self.server_addr,
-                                                    str(self.fixed_port), str(self.a), str(self.b), str(self.n)])
+                                                    str(self.fixed_port), str(self.a), str(self.b), str(self.n), "0"])
         assert self._srv.stdout is not None and self._srv.stderr is not None
         line = self._srv.stdout.readline()
         if not line:
@@ -242,7 +203,7 @@ class Exchange:
 
     def run_client(self) -> dict[str, Any]:
         p = self.net.run_in(self.net.ns_b, [sys.executable, "-c", CLIENT, self.server_addr, str(self.port),
-                                            str(self.a), str(self.b)], stdin=subprocess.DEVNULL)
+                                            str(self.a), str(self.b), "0"], stdin=subprocess.DEVNULL)
         out, err = p.communicate(timeout=30)
         assert p.returncode == 0, err
         c = json.loads(out.splitlines()[-1])
