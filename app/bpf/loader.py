@@ -271,9 +271,6 @@ class RingReader:
         self._cons[0] = cons
         return out
 
-    def pending(self) -> bool:
-        return bool(self._cons[0] < self._prod[0])
-
     def close(self) -> None:
         for view in (self._cons, self._prod, self._data):
             view.release()
@@ -341,8 +338,7 @@ class Tracer:
         self._bpf = bpf
         release_compiler_memory()
 
-    def start_reading(self, loop: asyncio.AbstractEventLoop, on_records: Callable[[list[bytes]], None],
-                      max_batch_records: int | None = None) -> None:
+    def start_reading(self, loop: asyncio.AbstractEventLoop, on_records: Callable[[list[bytes]], None]) -> None:
         """Feeds record batches to `on_records` whenever the ring buffer fd is readable.
 
         At most `max_batch_records` per wake-up: the fd stays readable while records
@@ -350,18 +346,16 @@ class Tracer:
         """
         if self._bpf is None or self._ring is None:
             raise TracerError("tracer is not open")
-        if max_batch_records is not None:
-            self.max_batch_records = max_batch_records
         self._on_records = on_records
         self._loop = loop
         self._fd = self._bpf[b"events"].map_fd
         loop.add_reader(self._fd, self.drain)
 
-    def drain(self, max_records: int | None = None) -> int:
-        """Hands up to `max_records` (default: one batch) waiting records over now; returns how many."""
+    def drain(self) -> int:
+        """Hands up to one batch of waiting records over now; returns how many."""
         if self._ring is None:
             return 0
-        batch = self._ring.read(max_records or self.max_batch_records)
+        batch = self._ring.read(self.max_batch_records)
         if batch and self._on_records is not None:
             try:
                 self._on_records(batch)
@@ -370,10 +364,6 @@ class Tracer:
                 self.callback_errors += 1
                 log.exception("event consumer failed on a batch of %d records", len(batch))
         return len(batch)
-
-    def pending(self) -> bool:
-        """Records are waiting in the ring buffer."""
-        return self._ring is not None and self._ring.pending()
 
     def lost_kernel(self) -> int:
         """Events the kernel could not put in the full ring buffer."""
