@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from app.bpf.loader import Tracer, TracerError, check_host
 from app.config import Settings
 from app.decode import DecodeError, Decoder
-from app.models import Event, event_json
+from app.models import Event, EventWriter, Texts
 
 
 def _port(value: str) -> int:
@@ -92,7 +92,8 @@ def cmd_check(settings: Settings) -> int:
 async def _trace(settings: Settings, as_json: bool) -> int:
     tracer = Tracer(settings)
     tracer.open()
-    decoder = Decoder(time.time_ns() - time.monotonic_ns())
+    decoder = Decoder()
+    writer = EventWriter(Texts(time.time_ns() - time.monotonic_ns()))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -107,18 +108,17 @@ async def _trace(settings: Settings, as_json: bool) -> int:
     bad = 0
     out = sys.stdout
 
-    def on_records(batch: list[bytes]) -> None:
+    def on_records(frames: bytes, count: int) -> None:
         nonlocal seq, bad
+        try:
+            recs = decoder.decode(frames)
+        except DecodeError:
+            bad += count
+            return
         lines = []
-        for raw in batch:
-            try:
-                ev = decoder.decode(raw)
-            except DecodeError:
-                bad += 1
-                continue
+        for rec in recs:
             seq += 1
-            ev.__dict__["seq"] = seq   # bypasses pydantic's __setattr__: once per event
-            lines.append(event_json(ev) if as_json else format_event(ev))
+            lines.append(writer.json(seq, rec) if as_json else format_event(writer.event(seq, rec)))
         if lines:
             out.write("\n".join(lines) + "\n")
             out.flush()
@@ -130,7 +130,7 @@ async def _trace(settings: Settings, as_json: bool) -> int:
     finally:
         lost = tracer.lost_kernel()
         tracer.close()
-    print(f"stopped: {seq} events, {lost} lost in kernel, {bad} undecodable", file=sys.stderr)
+    print(f"stopped: {seq} events, {lost} lost in kernel, {bad + decoder.bad_records} undecodable", file=sys.stderr)
     return 0
 
 

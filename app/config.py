@@ -43,8 +43,13 @@ class Settings(BaseSettings):
     preexisting: bool = True
     preexisting_refresh_s: float = Field(5.0, ge=0)
 
-    # Also drain the ring buffer on a timer, not only when its fd wakes us (0 = never).
-    drain_interval_s: float = Field(0.25, ge=0)
+    # Reading the ring buffer. The kernel wakes the reader for the first record after
+    # wakeup_interval_us without a wake-up, or once wakeup_batch_records wait; while records
+    # flow, the reader also drains every drain_interval_ms (the latency bound for stragglers).
+    wakeup_interval_us: int = Field(1000, ge=0, le=1_000_000)
+    wakeup_batch_records: int = Field(256, ge=1, le=1_000_000)
+    drain_interval_ms: float = Field(10.0, gt=0, le=1000)
+    read_batch_records: int = Field(1024, ge=1, le=1_000_000, description="records handled per loop turn")
 
     # The dashboard's static files; None = the web/ folder next to the app package.
     web_dir: Path | None = None

@@ -1,18 +1,31 @@
 """Small predicates, one per query dimension, built once and combined.
 
-Predicates read attributes only (`src_port`, `dst_port`, `pid`, `family`, `role`,
-`type`), so the same filter applies to Events, hub items and table records.
+Predicates test internal event records (app/bpf/event.py): the names a user gives
+(`ipv6`, `server`, `close`) are turned into the record's numbers once, when the
+filter is built, so the test per event is an integer compare. The same filter
+serves the table (the connection's latest record) and the hub (each event).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
+from app.bpf.event import (
+    DPORT,
+    EVENT_TYPE_NUMBERS,
+    FAMILY,
+    FAMILY_NUMBERS,
+    PID,
+    ROLE,
+    ROLE_NUMBERS,
+    SPORT,
+    TYPE,
+    EventRecord,
+)
 from app.models import EVENT_TYPES
 
-Predicate = Callable[[Any], bool]
+Predicate = Callable[[EventRecord], bool]
 
 FAMILIES = ("ipv4", "ipv6")
 ROLES = ("client", "server")
@@ -28,24 +41,26 @@ class FilterError(ValueError):
 
 
 def port_is(port: int) -> Predicate:
-    return lambda x: x.src_port == port or x.dst_port == port
+    return lambda r: r[SPORT] == port or r[DPORT] == port
 
 
 def pid_is(pid: int) -> Predicate:
-    return lambda x: x.pid == pid
+    return lambda r: r[PID] == pid
 
 
 def family_is(family: str) -> Predicate:
-    return lambda x: x.family == family
+    n = FAMILY_NUMBERS[family]
+    return lambda r: r[FAMILY] == n
 
 
 def role_is(role: str) -> Predicate:
-    return lambda x: x.role == role
+    n = ROLE_NUMBERS[role]
+    return lambda r: r[ROLE] == n
 
 
 def type_in(types: Iterable[str]) -> Predicate:
-    wanted = frozenset(types)
-    return lambda x: x.type in wanted
+    wanted = frozenset(EVENT_TYPE_NUMBERS[t] for t in types)
+    return lambda r: r[TYPE] in wanted
 
 
 def combine(preds: list[Predicate]) -> Predicate | None:
@@ -55,7 +70,7 @@ def combine(preds: list[Predicate]) -> Predicate | None:
     if len(preds) == 1:
         return preds[0]
     ps = tuple(preds)
-    return lambda x: all(p(x) for p in ps)
+    return lambda r: all(p(r) for p in ps)
 
 
 @dataclass(frozen=True)

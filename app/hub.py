@@ -13,24 +13,20 @@ import json
 from collections import deque
 from collections.abc import Iterable
 
+from app.bpf.event import CONN_ID, EV_CLOSE, EVENT_TYPE_NAMES, TYPE, EventRecord
 from app.filters import Predicate
-from app.models import EVENT_TYPES, Event, event_json
+from app.models import EventWriter
 
 
 class HubItem:
-    """One published event: its JSON (serialised once) plus the fields filters look at."""
+    """One published event: its seq and record; its JSON is made once, when first needed."""
 
-    __slots__ = ("seq", "json", "type", "family", "role", "src_port", "dst_port", "pid")
+    __slots__ = ("seq", "rec", "text")
 
-    def __init__(self, seq: int, js: str, ev: Event) -> None:
+    def __init__(self, seq: int, rec: EventRecord) -> None:
         self.seq = seq
-        self.json = js
-        self.type = ev.type
-        self.family = ev.family
-        self.role = ev.role
-        self.src_port = ev.src_port
-        self.dst_port = ev.dst_port
-        self.pid = ev.pid
+        self.rec = rec
+        self.text: str | None = None
 
 
 class Subscriber:
@@ -78,7 +74,7 @@ class Subscriber:
                                               "in the replay buffer"}))
         if self.backlog:
             chunk, self.backlog = self.backlog[:max_events], self.backlog[max_events:]
-            out.extend(i.json for i in chunk)
+            out.extend(self.hub.texts(chunk))
             if self.backlog:
                 return out  # the wake flag stays set: more to come
         if self.dropped_pending:
@@ -88,7 +84,7 @@ class Subscriber:
         q = self.queue
         n = min(len(q), max(0, max_events - len(out)))
         pop = q.popleft
-        out.extend(pop().json for _ in range(n))
+        out.extend(self.hub.texts([pop() for _ in range(n)]))
         if not q:
             self._wake.clear()
         self.delivered += len(out)
@@ -111,34 +107,58 @@ class Subscriber:
 
 
 class EventHub:
-    """Assigns seq, keeps the last `replay_events`, fans out to subscribers."""
+    """Assigns seq (the one place it is assigned), keeps the last `replay_events`, fans out to subscribers."""
 
-    def __init__(self, replay_events: int = 100_000, subscriber_queue_events: int = 10_000) -> None:
+    def __init__(self, writer: EventWriter, replay_events: int = 100_000,
+                 subscriber_queue_events: int = 10_000) -> None:
+        self.writer = writer
         self.replay: deque[HubItem] = deque(maxlen=replay_events)
         self.queue_events = subscriber_queue_events
         self.seq = 0
-        self.counts: dict[str, int] = dict.fromkeys(EVENT_TYPES, 0)
+        self._counts: dict[int, int] = dict.fromkeys(EVENT_TYPE_NAMES, 0)
         self.dropped_subscribers = 0
         self.subscribers: list[Subscriber] = []
         self.next_subscriber_id = 0
 
-    def publish(self, ev: Event) -> HubItem:
-        """Numbers, serialises (once) and fans out one event; synchronous, O(subscribers)."""
-        self.seq += 1
-        # Straight into __dict__: pydantic's __setattr__ costs more than the rest of publish.
-        ev.__dict__["seq"] = self.seq
-        item = HubItem(self.seq, event_json(ev), ev)
-        self.replay.append(item)
-        t = ev.type
-        self.counts[t] = self.counts.get(t, 0) + 1
-        for s in self.subscribers:
-            if s.pred is None or s.pred(item):
-                s.offer(item)
-        return item
+    @property
+    def counts(self) -> dict[str, int]:
+        """Events published, per event type name."""
+        return {name: self._counts.get(n, 0) for n, name in EVENT_TYPE_NAMES.items()}
 
-    def publish_many(self, events: Iterable[Event]) -> None:
-        for ev in events:
-            self.publish(ev)
+    def publish_many(self, recs: Iterable[EventRecord]) -> None:
+        """Numbers and fans out events, in order; synchronous, O(events x subscribers)."""
+        seq = self.seq
+        append = self.replay.append
+        counts = self._counts
+        subs = self.subscribers
+        for rec in recs:
+            seq += 1
+            item = HubItem(seq, rec)
+            append(item)
+            counts[rec[TYPE]] += 1
+            for s in subs:
+                if s.pred is None or s.pred(rec):
+                    s.offer(item)
+        self.seq = seq
+
+    def publish(self, rec: EventRecord) -> HubItem:
+        """One event; returns its item."""
+        self.publish_many((rec,))
+        return self.replay[-1]
+
+    def texts(self, items: Iterable[HubItem]) -> list[str]:
+        """The JSON of each item, made now if it was not made before."""
+        out = []
+        writer = self.writer
+        for item in items:
+            text = item.text
+            if text is None:
+                rec = item.rec
+                text = item.text = writer.json(item.seq, rec)
+                if rec[TYPE] == EV_CLOSE:
+                    writer.forget(rec[CONN_ID])
+            out.append(text)
+        return out
 
     @property
     def first_seq(self) -> int:
@@ -161,7 +181,7 @@ class EventHub:
         overwritten = 0
         if after is not None:
             items, overwritten = self.since(after)
-            backlog = [i for i in items if pred(i)] if pred is not None else items
+            backlog = [i for i in items if pred(i.rec)] if pred is not None else items
         # Same synchronous step as the snapshot: nothing can be published in between.
         self.next_subscriber_id += 1
         sub = Subscriber(self, pred, self.queue_events, backlog, overwritten, label)

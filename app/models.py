@@ -4,34 +4,42 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 import time
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, PrivateAttr
+from pydantic import BaseModel, Field
+
+from app.bpf.event import (
+    BYTES_RECEIVED,
+    BYTES_RETRANS,
+    BYTES_SENT,
+    COMM,
+    CONN_ID,
+    DADDR,
+    DPORT,
+    EVENT_TYPE_NAMES,
+    FAMILY,
+    FAMILY_NAMES,
+    NETNS,
+    PID,
+    ROLE,
+    ROLE_NAMES,
+    SADDR,
+    SPORT,
+    STATE,
+    TCP_STATES,
+    TS_NS,
+    TYPE,
+    EventRecord,
+)
 
 EventType = Literal["syn_sent", "syn_recv", "established", "data_queue", "close", "state_change"]
 Family = Literal["ipv4", "ipv6"]
 Role = Literal["client", "server"]
 
-EVENT_TYPES: tuple[str, ...] = ("syn_sent", "syn_recv", "established", "data_queue", "close", "state_change")
-
-# Kernel TCP state numbers (include/net/tcp_states.h) to names without the TCP_ prefix.
-TCP_STATES: dict[int, str] = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-    12: "NEW_SYN_RECV",
-    13: "BOUND_INACTIVE",
-}
+EVENT_TYPES: tuple[str, ...] = tuple(EVENT_TYPE_NAMES.values())
 
 
 class Event(BaseModel):
@@ -41,24 +49,20 @@ class Event(BaseModel):
     type: EventType = Field(description="what happened")
     ts: datetime = Field(description="when it happened (UTC)")
     ts_ns: int = Field(description="kernel CLOCK_MONOTONIC timestamp in ns")
+    state: str = Field(description="TCP state after this event, e.g. ESTABLISHED")
+    bytes_sent: int = Field(description="payload bytes sent (tcp_sock.bytes_sent less bytes_retrans)")
+    bytes_received: int = Field(description="payload bytes received (tcp_sock.bytes_received less a FIN)")
+    bytes_retrans: int = Field(0, description="bytes retransmitted (tcp_sock.bytes_retrans)")
     conn_id: str = Field(description="the connection's id")
     family: Family = Field(description='"ipv4" or "ipv6"')
     role: Role = Field(description="client = active open, server = passive open")
-    state: str = Field(description="TCP state after this event, e.g. ESTABLISHED")
     src_addr: str = Field(description="local address")
     src_port: int = Field(description="local port")
     dst_addr: str = Field(description="remote address")
     dst_port: int = Field(description="remote port")
     pid: int | None = Field(description="owning process id, null while unknown")
     comm: str | None = Field(description="owning process name, null while unknown")
-    bytes_sent: int = Field(description="payload bytes sent (tcp_sock.bytes_sent less bytes_retrans)")
-    bytes_received: int = Field(description="payload bytes received (tcp_sock.bytes_received less a FIN)")
-    bytes_retrans: int = Field(0, description="bytes retransmitted (tcp_sock.bytes_retrans)")
     netns: int = Field(description="network namespace inode number")
-
-    # The JSON after "seq", written by the decoder (see event_json). Decoded events
-    # are not changed afterwards, except for seq, which is not in it.
-    _json_tail: str | None = PrivateAttr(default=None)
 
 
 class Connection(BaseModel):
@@ -85,17 +89,12 @@ class Connection(BaseModel):
     events: int = Field(0, description="events seen for this connection")
 
 
-# --- Fast JSON for the event hot path -------------------------------------------
-# The hub serialises every event once; pydantic's model_dump_json costs ~3.5 us per
-# event. The decoder writes everything after "seq" while it holds the raw values
-# (Event._json_tail); the hub only prepends the seq. The output is the same JSON
-# document as model_dump_json (tests compare the two).
+# --- From internal records to public text -----------------------------------------
+# Events are serialised only when something needs the text (a subscriber, /events,
+# `trace --json`), and the fields that do not change over a connection's life are
+# formatted once per connection. pydantic's model_dump_json would cost ~3.5 us per event;
+# the output is the same JSON document (tests compare the two).
 
-_EVENT_JSON_TAIL = (
-    '"type":"%s","ts":"%s","ts_ns":%d,"conn_id":%s,"family":"%s","role":"%s","state":"%s",'
-    '"src_addr":"%s","src_port":%d,"dst_addr":"%s","dst_port":%d,"pid":%s,"comm":%s,'
-    '"bytes_sent":%d,"bytes_received":%d,"bytes_retrans":%d,"netns":%d}'
-)
 _second_prefix: dict[int, str] = {}
 
 
@@ -109,36 +108,107 @@ def iso_utc_parts(sec: int, us: int) -> str:
     return f"{prefix}.{us:06d}Z" if us else f"{prefix}Z"
 
 
-def iso_utc(ts: datetime) -> str:
-    """iso_utc_parts() of a datetime (naive ones are taken as UTC)."""
-    aware = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-    return iso_utc_parts(int(aware.timestamp()), ts.microsecond)
-
-
 @functools.lru_cache(maxsize=4096)
 def json_str(s: str) -> str:
     """A JSON string literal (cached: the same names and ids recur)."""
     return json.dumps(s)
 
 
-def event_json_tail(type_: str, ts_text: str, ts_ns: int, conn_id: str, family: str, role: str, state: str,
-                    src_addr: str, src_port: int, dst_addr: str, dst_port: int, pid: int | None,
-                    comm: str | None, bytes_sent: int, bytes_received: int, bytes_retrans: int, netns: int) -> str:
-    """An event's JSON after `{"seq":N,`. Addresses, names and states are plain ASCII by construction."""
-    return _EVENT_JSON_TAIL % (
-        type_, ts_text, ts_ns, json_str(conn_id), family, role, state, src_addr, src_port, dst_addr, dst_port,
-        "null" if pid is None else int(pid), "null" if comm is None else json_str(comm),
-        bytes_sent, bytes_received, bytes_retrans, netns,
-    )
+def conn_id_text(conn_id: int) -> str:
+    """The public id of a connection: c<n> as numbered by the kernel, p<n> for one found at start-up."""
+    return f"c{conn_id}" if conn_id > 0 else f"p{-conn_id}"
 
 
-def event_json(ev: Event) -> str:
-    """ev.model_dump_json(), several times faster."""
-    d = ev.__dict__
-    priv = ev.__pydantic_private__
-    tail = priv.get("_json_tail") if priv else None
-    if tail is None:
-        tail = event_json_tail(d["type"], iso_utc(d["ts"]), d["ts_ns"], d["conn_id"], d["family"], d["role"],
-                               d["state"], d["src_addr"], d["src_port"], d["dst_addr"], d["dst_port"], d["pid"],
-                               d["comm"], d["bytes_sent"], d["bytes_received"], d["bytes_retrans"], d["netns"])
-    return f'{{"seq":{d["seq"]},{tail}'
+def conn_id_number(text: str) -> int | None:
+    """conn_id_text() backwards; None for anything that is not such an id."""
+    if len(text) < 2 or text[0] not in "cp" or not text[1:].isdigit() or len(text) > 21:
+        return None
+    n = int(text[1:])
+    return n if text[0] == "c" else -n
+
+
+class Texts:
+    """Text of the raw values in records, each formatted once (bounded caches)."""
+
+    def __init__(self, wall_offset_ns: int) -> None:
+        # CLOCK_MONOTONIC (the kernel's ts_ns) + wall_offset_ns = UTC ns since the epoch.
+        self.wall_offset_ns = wall_offset_ns
+        self._addrs: dict[bytes, str] = {}
+        self._comms: dict[bytes, str] = {}
+
+    def addr(self, raw: bytes, family: int) -> str:
+        text = self._addrs.get(raw)
+        if text is None:
+            if len(self._addrs) >= 65536:
+                self._addrs.clear()
+            af = socket.AF_INET if family == 4 else socket.AF_INET6
+            text = self._addrs[raw] = socket.inet_ntop(af, raw[:4] if family == 4 else raw)
+        return text
+
+    def comm(self, raw: bytes) -> str:
+        name = self._comms.get(raw)
+        if name is None:
+            if len(self._comms) >= 4096:   # process names repeat a lot
+                self._comms.clear()
+            name = self._comms[raw] = raw.split(b"\0", 1)[0].decode(errors="replace")
+        return name
+
+    def ts_iso(self, mono_ns: int) -> str:
+        wall = mono_ns + self.wall_offset_ns
+        return iso_utc_parts(wall // 1_000_000_000, wall // 1000 % 1_000_000)
+
+    def ts(self, mono_ns: int) -> datetime:
+        wall_us = (mono_ns + self.wall_offset_ns) // 1000
+        return datetime.fromtimestamp(wall_us // 1_000_000, UTC).replace(microsecond=wall_us % 1_000_000)
+
+
+class EventWriter:
+    """An event record with its seq -> the public Event, as JSON text or as a model."""
+
+    def __init__(self, texts: Texts) -> None:
+        self.texts = texts
+        # conn_id -> (pid, src_port, JSON of the fields that stay the same over the connection)
+        self._steady: dict[int, tuple[int, int, str]] = {}
+
+    def _steady_json(self, rec: EventRecord) -> str:
+        cid = rec[CONN_ID]
+        hit = self._steady.get(cid)
+        if hit is not None and hit[0] == rec[PID] and hit[1] == rec[SPORT]:
+            return hit[2]
+        t = self.texts
+        fam = rec[FAMILY]
+        pid = rec[PID]
+        text = (f'"conn_id":"{conn_id_text(cid)}","family":"{FAMILY_NAMES[fam]}","role":"{ROLE_NAMES[rec[ROLE]]}",'
+                f'"src_addr":"{t.addr(rec[SADDR], fam)}","src_port":{rec[SPORT]},'
+                f'"dst_addr":"{t.addr(rec[DADDR], fam)}","dst_port":{rec[DPORT]},'
+                f'"pid":{pid or "null"},"comm":{json_str(t.comm(rec[COMM])) if pid else "null"},'
+                f'"netns":{rec[NETNS]}}}')
+        if len(self._steady) >= 65536:
+            self._steady.clear()
+        self._steady[cid] = (pid, rec[SPORT], text)
+        return text
+
+    def json(self, seq: int, rec: EventRecord) -> str:
+        """The event's JSON; the same document as Event.model_dump_json()."""
+        return (f'{{"seq":{seq},"type":"{EVENT_TYPE_NAMES[rec[TYPE]]}","ts":"{self.texts.ts_iso(rec[TS_NS])}",'
+                f'"ts_ns":{rec[TS_NS]},"state":"{TCP_STATES[rec[STATE]]}","bytes_sent":{rec[BYTES_SENT]},'
+                f'"bytes_received":{rec[BYTES_RECEIVED]},"bytes_retrans":{rec[BYTES_RETRANS]},'
+                f'{self._steady_json(rec)}')
+
+    def forget(self, conn_id: int) -> None:
+        """The connection closed: its steady part will not be asked for again (or rarely)."""
+        self._steady.pop(conn_id, None)
+
+    def event(self, seq: int, rec: EventRecord) -> Event:
+        """The public model (validated), for callers that want objects rather than text."""
+        t = self.texts
+        fam = rec[FAMILY]
+        pid = rec[PID]
+        return Event.model_validate({
+            "seq": seq, "type": EVENT_TYPE_NAMES[rec[TYPE]], "ts": t.ts(rec[TS_NS]), "ts_ns": rec[TS_NS],
+            "state": TCP_STATES[rec[STATE]], "bytes_sent": rec[BYTES_SENT], "bytes_received": rec[BYTES_RECEIVED],
+            "bytes_retrans": rec[BYTES_RETRANS], "conn_id": conn_id_text(rec[CONN_ID]), "family": FAMILY_NAMES[fam],
+            "role": ROLE_NAMES[rec[ROLE]], "src_addr": t.addr(rec[SADDR], fam), "src_port": rec[SPORT],
+            "dst_addr": t.addr(rec[DADDR], fam), "dst_port": rec[DPORT], "pid": pid or None,
+            "comm": t.comm(rec[COMM]) if pid else None, "netns": rec[NETNS],
+        })

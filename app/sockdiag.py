@@ -10,10 +10,8 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-from app.models import TCP_STATES
-from app.table import ConnRecord
+from app.bpf.event import ROLE_CLIENT, ROLE_SERVER, EventRecord
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -162,46 +160,29 @@ def current_netns() -> int:
         return 0
 
 
-ConnKey = tuple[int, str, str, int, str, int]
-
-
-def key_of(netns: int, d: DiagSocket) -> ConnKey:
-    """Same shape as ConnectionTable.key(): netns, family name, local end, remote end."""
-    return (netns, "ipv4" if d.family == socket.AF_INET else "ipv6", d.src_addr, d.src_port,
-            d.dst_addr, d.dst_port)
-
-
 def preexisting(socks: list[DiagSocket], owners: dict[int, tuple[int, str]] | None = None,
-                start: int = 1) -> list[tuple[ConnKey, ConnRecord]]:
-    """Connection records (ids "p<n>", preexisting=True) for every non-LISTEN, non-TIME_WAIT socket."""
+                start: int = 1) -> list[EventRecord]:
+    """Records (ids "p<n>": conn_id -n) for every connection socket: not LISTEN, TIME_WAIT or a request."""
     owners = owners if owners is not None else {}
     listen_ports = {d.src_port for d in socks if d.state == ST_LISTEN}
     netns = current_netns()
-    now = datetime.now(UTC)
     now_ns = time.monotonic_ns()
-    out = []
+    out: list[EventRecord] = []
     n = start
     for d in socks:
         if d.state in SKIP_STATES:
             continue
-        c = ConnRecord()
-        c.id = f"p{n}"
-        n += 1
-        c.family = "ipv4" if d.family == socket.AF_INET else "ipv6"
+        v4 = d.family == socket.AF_INET
         # A guess: sock_diag does not say who opened; a local port someone listens on means server.
-        c.role = "server" if d.src_port in listen_ports else "client"
-        c.state = TCP_STATES.get(d.state, str(d.state))
-        c.src_addr, c.src_port, c.dst_addr, c.dst_port = d.src_addr, d.src_port, d.dst_addr, d.dst_port
-        pid, comm = owners.get(d.inode, (None, None)) if d.inode else (None, None)
-        c.pid, c.comm = pid, comm
-        c.bytes_sent, c.bytes_received = d.bytes_sent, d.bytes_received
-        c.bytes_retrans = 0   # tcp_info has it too, but the kernel path reports it from here on
-        c.started_at = now
-        c.netns = netns
-        c.preexisting = True
-        c.events = 0
-        c.closed_at = None
-        c.start_ns = c.last_ns = now_ns
-        c.close_ns = 0
-        out.append((key_of(netns, d), c))
+        role = ROLE_SERVER if d.src_port in listen_ports else ROLE_CLIENT
+        pid, comm = owners.get(d.inode, (0, "")) if d.inode else (0, "")
+        out.append((now_ns, now_ns, -n, d.bytes_sent, d.bytes_received, 0, pid, netns,
+                    _addr16(d.family, d.src_addr), _addr16(d.family, d.dst_addr), d.src_port, d.dst_port,
+                    4 if v4 else 6, 0, role, d.state, 0, 0, comm.encode()[:16].ljust(16, b"\0")))
+        n += 1
     return out
+
+
+def _addr16(family: int, text: str) -> bytes:
+    """An address as event records hold it: 16 bytes, IPv4 in the first 4."""
+    return socket.inet_pton(family, text).ljust(16, b"\0")

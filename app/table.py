@@ -1,4 +1,9 @@
-"""ConnectionTable: every open connection plus a bounded history of closed ones."""
+"""ConnectionTable: every open connection plus a bounded history of closed ones.
+
+A connection's state is its latest event record: every record carries the whole
+connection (tuple, owner, counters, state), so applying an event is a dict lookup
+and two stores. Text and the public Connection model are made only when asked for.
+"""
 
 from __future__ import annotations
 
@@ -6,177 +11,161 @@ import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from app.bpf.event import (
+    BYTES_RECEIVED,
+    BYTES_RETRANS,
+    BYTES_SENT,
+    COMM,
+    CONN_ID,
+    DADDR,
+    DPORT,
+    EV_CLOSE,
+    FAMILY,
+    FAMILY_NAMES,
+    NETNS,
+    PID,
+    ROLE,
+    ROLE_NAMES,
+    SADDR,
+    SPORT,
+    ST_CLOSE,
+    START_NS,
+    STATE,
+    TCP_STATES,
+    TS_NS,
+    TYPE,
+    EventRecord,
+)
 from app.filters import Predicate
-from app.models import Connection, Event
+from app.models import Connection, Texts, conn_id_number, conn_id_text
 
-FIELDS = ("id", "family", "role", "state", "src_addr", "src_port", "dst_addr", "dst_port", "pid", "comm",
-          "bytes_sent", "bytes_received", "bytes_retrans", "started_at", "netns", "preexisting", "events")
+ConnKey = tuple[int, int, bytes, int, bytes, int]
+"""A socket's identity across sources: netns, family (4|6), local address and port, remote ones."""
 
 
-class ConnRecord:
-    """Internal, mutable record of one connection (slots: the table holds tens of thousands)."""
+def conn_key(rec: EventRecord) -> ConnKey:
+    return (rec[NETNS], rec[FAMILY], rec[SADDR], rec[SPORT], rec[DADDR], rec[DPORT])
 
-    __slots__ = (*FIELDS, "closed_at", "start_ns", "last_ns", "close_ns")
 
-    id: str
-    family: str
-    role: str
-    state: str
-    src_addr: str
-    src_port: int
-    dst_addr: str
-    dst_port: int
-    pid: int | None
-    comm: str | None
-    bytes_sent: int
-    bytes_received: int
-    bytes_retrans: int
-    started_at: datetime
-    netns: int
-    preexisting: bool
-    events: int
-    closed_at: datetime | None
-    start_ns: int
-    last_ns: int
-    close_ns: int
+class ConnEntry:
+    """One connection: its latest record, plus what records alone do not say."""
 
-    def to_model(self, now_ns: int) -> Connection:
+    __slots__ = ("rec", "events", "pid", "comm", "close_ns", "preexisting")
+
+    def __init__(self, rec: EventRecord, preexisting: bool = False) -> None:
+        self.rec = rec
+        self.events = 0 if preexisting else 1
+        # Once known the owner stays: a later record without one must not erase it.
+        self.pid: int = rec[PID]
+        self.comm: bytes = rec[COMM]
+        self.close_ns = 0
+        self.preexisting = preexisting
+
+    def to_model(self, now_ns: int, texts: Texts) -> Connection:
         """The public shape; duration runs to now while open."""
-        end = self.close_ns if self.closed_at is not None else max(now_ns, self.start_ns)
-        d: dict[str, Any] = {f: getattr(self, f) for f in FIELDS}
-        d["closed_at"] = self.closed_at
-        d["duration_ms"] = (end - self.start_ns) / 1e6
-        return Connection.model_construct(**d)
-
-
-def record_from_event(ev: Event) -> ConnRecord:
-    c = ConnRecord()
-    c.id = ev.conn_id
-    c.family = ev.family
-    c.role = ev.role
-    c.state = ev.state
-    c.src_addr = ev.src_addr
-    c.src_port = ev.src_port
-    c.dst_addr = ev.dst_addr
-    c.dst_port = ev.dst_port
-    c.pid = ev.pid
-    c.comm = ev.comm
-    c.bytes_sent = ev.bytes_sent
-    c.bytes_received = ev.bytes_received
-    c.bytes_retrans = ev.bytes_retrans
-    c.started_at = ev.ts
-    c.netns = ev.netns
-    c.preexisting = False
-    c.events = 0
-    c.closed_at = None
-    c.start_ns = c.last_ns = ev.ts_ns
-    c.close_ns = 0
-    return c
+        r = self.rec
+        fam = r[FAMILY]
+        start = r[START_NS]
+        closed = self.close_ns != 0
+        end = self.close_ns if closed else max(now_ns, start)
+        return Connection.model_construct(
+            id=conn_id_text(r[CONN_ID]), family=FAMILY_NAMES[fam], role=ROLE_NAMES[r[ROLE]],
+            state=TCP_STATES.get(r[STATE], str(r[STATE])),
+            src_addr=texts.addr(r[SADDR], fam), src_port=r[SPORT], dst_addr=texts.addr(r[DADDR], fam),
+            dst_port=r[DPORT], pid=self.pid or None, comm=texts.comm(self.comm) if self.pid else None,
+            bytes_sent=r[BYTES_SENT], bytes_received=r[BYTES_RECEIVED], bytes_retrans=r[BYTES_RETRANS],
+            started_at=texts.ts(start), closed_at=texts.ts(self.close_ns) if closed else None,
+            duration_ms=(end - start) / 1e6, netns=r[NETNS], preexisting=self.preexisting, events=self.events,
+        )
 
 
 class ConnectionTable:
-    """Applies Events; open connections in a dict, closed ones in a bounded, oldest-evicted history.
+    """Applies event records; open connections in a dict, closed ones in a bounded, oldest-evicted history.
 
     `max_open_connections` bounds memory too: if close events are lost (kernel ring buffer
     full), entries for connections that are gone would otherwise stay forever.
+    Keys are the kernel's connection numbers (negative for connections found at start-up).
     """
 
-    def __init__(self, max_closed_connections: int = 10_000, max_open_connections: int = 262_144) -> None:
+    def __init__(self, texts: Texts, max_closed_connections: int = 10_000,
+                 max_open_connections: int = 262_144) -> None:
+        self.texts = texts
         self.max_closed = max_closed_connections
         self.max_open = max_open_connections
         # Both ordered by last activity (open: move_to_end on each event; closed: by close time).
-        self._open: OrderedDict[str, ConnRecord] = OrderedDict()
-        self._closed: OrderedDict[str, ConnRecord] = OrderedDict()
+        self._open: OrderedDict[int, ConnEntry] = OrderedDict()
+        self._closed: OrderedDict[int, ConnEntry] = OrderedDict()
         self.evicted_closed = 0
         self.evicted_open = 0
-        # 4-tuple -> id of connections read from sock_diag at start-up, to drop such an entry if
-        # the kernel reports the same socket too (it was opening while we attached).
-        self._pre_keys: dict[tuple[Any, ...], str] = {}
+        # Key -> id of connections read from sock_diag at start-up, to drop such an entry if the
+        # kernel reports the same socket too (it was opening while we attached).
+        self._pre_keys: dict[ConnKey, int] = {}
 
-    def apply(self, ev: Event) -> None:
-        """Creates or updates the connection of `ev`; hot path."""
-        cid = ev.conn_id
+    def apply(self, rec: EventRecord) -> None:
+        """Creates or updates the connection of `rec`; hot path."""
+        cid = rec[CONN_ID]
         op = self._open
         c = op.get(cid)
         if c is None:
             c = self._closed.get(cid)
-            if c is None:
-                c = record_from_event(ev)
-                if self._pre_keys:
-                    self._drop_preexisting_twin(c)
-                op[cid] = c
-                if len(op) > self.max_open:
-                    op.popitem(last=False)
-                    self.evicted_open += 1
-            elif ev.type != "close":
-                # A late event after close (e.g. a final data_queue): counters only.
-                c.bytes_sent = ev.bytes_sent
-                c.bytes_received = ev.bytes_received
-                c.bytes_retrans = ev.bytes_retrans
+            if c is not None:
+                # A late event after close (records of two CPUs can interleave): the close
+                # record already holds the final counters.
                 c.events += 1
                 return
+            c = op[cid] = ConnEntry(rec)
+            if self._pre_keys:
+                self._drop_preexisting_twin(c)
+            if len(op) > self.max_open:
+                op.popitem(last=False)
+                self.evicted_open += 1
         else:
             op.move_to_end(cid)
-        c.events += 1
-        c.state = ev.state
-        c.last_ns = ev.ts_ns
-        c.bytes_sent = ev.bytes_sent
-        c.bytes_received = ev.bytes_received
-        c.bytes_retrans = ev.bytes_retrans
-        # The kernel learns the local port after SYN_SENT; take addresses from the latest event.
-        if ev.src_port:
-            c.src_addr = ev.src_addr
-            c.src_port = ev.src_port
-        pid = ev.pid
-        if pid is not None:
-            # Once known the pid stays: a later event with pid None must not erase it.
-            c.pid = pid
-            c.comm = ev.comm
-        if ev.type == "close" and c.closed_at is None:
-            c.closed_at = ev.ts
-            c.close_ns = ev.ts_ns
-            op.pop(cid, None)
-            self._add_closed(c)
+            c.rec = rec
+            c.events += 1
+            if rec[PID]:
+                c.pid = rec[PID]
+                c.comm = rec[COMM]
+        if rec[TYPE] == EV_CLOSE:
+            c.close_ns = rec[TS_NS] or 1
+            del op[cid]
+            self._add_closed(cid, c)
 
-    def _add_closed(self, c: ConnRecord) -> None:
+    def _add_closed(self, cid: int, c: ConnEntry) -> None:
         if self.max_closed <= 0:
             self.evicted_closed += 1
             return
         cl = self._closed
-        cl[c.id] = c
+        cl[cid] = c
         while len(cl) > self.max_closed:
             cl.popitem(last=False)
             self.evicted_closed += 1
 
-    @staticmethod
-    def key(c: ConnRecord) -> tuple[Any, ...]:
-        return (c.netns, c.family, c.src_addr, c.src_port, c.dst_addr, c.dst_port)
-
-    def _drop_preexisting_twin(self, c: ConnRecord) -> None:
-        pid = self._pre_keys.pop(self.key(c), None)
-        if pid is not None:
-            twin = self._open.pop(pid, None)
-            if twin is not None and c.pid is None:
+    def _drop_preexisting_twin(self, c: ConnEntry) -> None:
+        pre = self._pre_keys.pop(conn_key(c.rec), None)
+        if pre is not None:
+            twin = self._open.pop(pre, None)
+            if twin is not None and not c.pid:
                 c.pid, c.comm = twin.pid, twin.comm
 
-    def add_preexisting(self, items: Iterable[tuple[tuple[Any, ...], ConnRecord]]) -> int:
-        """Adds connections found open at start-up (sockdiag), unless the kernel reported them; returns how many."""
-        known = {self.key(c) for c in self._open.values()}
+    def add_preexisting(self, recs: Iterable[EventRecord]) -> int:
+        """Adds connections found open at start-up (sock_diag), unless the kernel reported them; returns how many."""
+        known = {conn_key(c.rec) for c in self._open.values()}
         n = 0
-        for key, c in items:
+        for rec in recs:
+            key = conn_key(rec)
             if key in known:
                 continue
-            self._open[c.id] = c
-            self._pre_keys[key] = c.id
+            self._open[rec[CONN_ID]] = ConnEntry(rec, preexisting=True)
+            self._pre_keys[key] = rec[CONN_ID]
             n += 1
         return n
 
-    def refresh_preexisting(self, alive: dict[tuple[Any, ...], ConnRecord]) -> int:
+    def refresh_preexisting(self, alive: dict[ConnKey, EventRecord]) -> int:
         """Updates preexisting connections from a fresh dump (by key); closes the gone ones."""
-        gone: set[str] = set()
+        gone: set[int] = set()
         for key, cid in list(self._pre_keys.items()):
             c = self._open.get(cid)
             if c is None:
@@ -186,26 +175,31 @@ class ConnectionTable:
             if fresh is None:
                 gone.add(cid)
                 del self._pre_keys[key]
-            elif (fresh.bytes_sent, fresh.bytes_received, fresh.state) != (c.bytes_sent, c.bytes_received, c.state):
-                c.bytes_sent, c.bytes_received, c.state = fresh.bytes_sent, fresh.bytes_received, fresh.state
-                c.last_ns = fresh.last_ns
-                c.pid, c.comm = fresh.pid or c.pid, fresh.comm or c.comm
+                continue
+            old = c.rec
+            if (fresh[BYTES_SENT], fresh[BYTES_RECEIVED], fresh[STATE]) != (old[BYTES_SENT], old[BYTES_RECEIVED],
+                                                                            old[STATE]):
+                # Keep the entry's id and start; take the counters, state and time from the dump.
+                c.rec = (fresh[TS_NS], old[START_NS], cid, *fresh[BYTES_SENT:PID], old[PID], *fresh[PID + 1:])
+                if fresh[PID]:
+                    c.pid, c.comm = fresh[PID], fresh[COMM]
                 self._open.move_to_end(cid)
         return self.close_preexisting(gone)
 
-    def close_preexisting(self, ids: set[str], now: datetime | None = None) -> int:
+    def close_preexisting(self, ids: set[int]) -> int:
         """Marks these preexisting connections closed (gone from sock_diag); returns how many."""
-        gone = [c for c in self._open.values() if c.preexisting and c.id in ids]
-        now = now or datetime.now(UTC)
         now_ns = time.monotonic_ns()
-        for c in gone:
-            del self._open[c.id]
-            c.state = "CLOSE"
-            c.closed_at = now
+        n = 0
+        for cid in ids:
+            c = self._open.get(cid)
+            if c is None or not c.preexisting:
+                continue
+            del self._open[cid]
+            c.rec = (now_ns, *c.rec[START_NS:STATE], ST_CLOSE, *c.rec[STATE + 1:])
             c.close_ns = now_ns
-            c.last_ns = now_ns
-            self._add_closed(c)
-        return len(gone)
+            self._add_closed(cid, c)
+            n += 1
+        return n
 
     @property
     def preexisting_count(self) -> int:
@@ -220,12 +214,15 @@ class ConnectionTable:
         return len(self._closed)
 
     def get(self, conn_id: str) -> Connection | None:
-        c = self._open.get(conn_id) or self._closed.get(conn_id)
-        return c.to_model(time.monotonic_ns()) if c is not None else None
+        cid = conn_id_number(conn_id)
+        if cid is None:
+            return None
+        c = self._open.get(cid) or self._closed.get(cid)
+        return c.to_model(time.monotonic_ns(), self.texts) if c is not None else None
 
     def query(self, state: str = "all", pred: Predicate | None = None, limit: int = 1000) -> list[Connection]:
         """Connections matching `state` (open|closed|all) and `pred`, newest activity first."""
-        sources: list[Iterable[ConnRecord]] = []
+        sources: list[Iterable[ConnEntry]] = []
         if state in ("open", "all"):
             sources.append(reversed(self._open.values()))
         if state in ("closed", "all"):
@@ -234,20 +231,18 @@ class ConnectionTable:
             return []
         if len(sources) == 1:
             # Open ones are in last-activity order already; closed ones in close order.
-            it: Iterable[ConnRecord] = sources[0]
+            it: Iterable[ConnEntry] = sources[0]
         else:
-            it = heapq.merge(*sources, key=lambda c: c.last_ns, reverse=True)
+            it = heapq.merge(*sources, key=_last_ns, reverse=True)
         out: list[Connection] = []
         now_ns = time.monotonic_ns()
         for c in it:
-            if pred is None or pred(c):
-                out.append(c.to_model(now_ns))
+            if pred is None or pred(c.rec):
+                out.append(c.to_model(now_ns, self.texts))
                 if len(out) >= limit:
                     break
         return out
 
 
-def wall_to_mono_ns(when: datetime) -> int:
-    """CLOCK_MONOTONIC ns of a wall-clock time (for records that did not come from the kernel)."""
-    delta = datetime.now(UTC) - when
-    return time.monotonic_ns() - int(delta / timedelta(microseconds=1)) * 1000
+def _last_ns(c: ConnEntry) -> Any:
+    return c.rec[TS_NS]

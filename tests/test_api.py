@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -15,32 +14,26 @@ from starlette.exceptions import StarletteDeprecationWarning
 from starlette.websockets import WebSocketDisconnect
 
 from app.api.app import create_app
+from app.bpf.event import FRAME, EventRecord
 from app.config import Settings
-from app.decode import RECORD
+from tests.evfactory import T0_NS, ev, frames
 
 with warnings.catch_warnings():
     # Starlette asks for the `httpx2` fork; plain httpx still works for its TestClient.
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from fastapi.testclient import TestClient
 
-TYPES = {"syn_sent": 1, "syn_recv": 2, "established": 3, "data_queue": 4, "close": 5}
-STATES = {"syn_sent": 2, "syn_recv": 3, "established": 1, "data_queue": 1, "close": 7}
+STARTS = {1: 1_000_000, 2: 1_100_000, 3: 5_000_000}   # when each connection of the fixture began
 
 
 def record(type_: str, conn: int, *, ts_ns: int, sport: int, dport: int, role: int = 0, pid: int = 100,
-           family: int = 4, sent: int = 0, received: int = 0) -> bytes:
-    """A raw ring-buffer record, packed exactly as the kernel side writes it."""
-    if family == 4:
-        src, dst = socket.inet_aton("10.1.0.1") + bytes(12), socket.inet_aton("10.1.0.2") + bytes(12)
-    else:
-        src, dst = socket.inet_pton(socket.AF_INET6, "fd00::1"), socket.inet_pton(socket.AF_INET6, "fd00::2")
-    # Field order of `struct event` (see app/decode.py RECORD).
-    f: dict[str, object] = dict(
-        ts_ns=ts_ns, conn_id=conn, start_ns=ts_ns, bytes_sent=sent, bytes_received=received, bytes_retrans=0,
-        pid=pid, netns=7, saddr=src, daddr=dst, sport=sport, dport=dport, family=family, type=TYPES[type_],
-        role=role, state=STATES[type_], oldstate=0, flags=0, comm=b"proc",
-    )
-    return RECORD.pack(*f.values())
+           family: int = 4, sent: int = 0, received: int = 0) -> EventRecord:
+    """A record as the kernel side writes it."""
+    addrs = ("10.1.0.1", "10.1.0.2") if family == 4 else ("fd00::1", "fd00::2")
+    start_ns = STARTS.get(conn, ts_ns)
+    return ev(type_, conn, (ts_ns - T0_NS) / 1e6, start_ms=(start_ns - T0_NS) / 1e6, src_port=sport, dst_port=dport,
+              role=("client", "server")[role], pid=pid, family=f"ipv{family}", bytes_sent=sent,
+              bytes_received=received, src_addr=addrs[0], dst_addr=addrs[1], netns=7, comm="proc")
 
 
 class FakeSource:
@@ -52,13 +45,13 @@ class FakeSource:
         self.attached = False
         self.reading = False
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.on_records: Callable[[list[bytes]], None] | None = None
+        self.on_records: Callable[[bytes, int], None] | None = None
         self.lost = 0
 
     def open(self) -> None:
         self.attached = True
 
-    def start_reading(self, loop: asyncio.AbstractEventLoop, on_records: Callable[[list[bytes]], None]) -> None:
+    def start_reading(self, loop: asyncio.AbstractEventLoop, on_records: Callable[[bytes, int], None]) -> None:
         self.loop, self.on_records, self.reading = loop, on_records, True
 
     def drain(self) -> int:
@@ -70,14 +63,15 @@ class FakeSource:
     def close(self) -> None:
         self.attached = self.reading = False
 
-    def push(self, batch: list[bytes]) -> None:
+    def push(self, batch: list[EventRecord | bytes]) -> None:
         """Delivers a batch on the app's loop, as the ring-buffer reader would; returns once done."""
         assert self.loop is not None and self.on_records is not None
         done = threading.Event()
         cb = self.on_records
+        raw = b"".join(r if isinstance(r, bytes) else frames(r) for r in batch)
 
         def run() -> None:
-            cb(batch)
+            cb(raw, len(batch))
             done.set()
 
         self.loop.call_soon_threadsafe(run)
@@ -107,7 +101,7 @@ def api() -> Iterator[tuple[TestClient, FakeSource]]:
             record("close", 2, ts_ns=4_000_000, sport=8080, dport=50000, role=1, pid=0, sent=22, received=11),
             record("syn_sent", 3, ts_ns=5_000_000, sport=50001, dport=443, family=6),
             record("established", 3, ts_ns=6_000_000, sport=50001, dport=443, family=6),
-            b"short garbage",
+            bytes(FRAME.size),   # a record of no known type: counted, skipped
         ])
         yield client, src
 

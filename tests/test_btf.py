@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from app.bpf.btf import DEFAULT_BTF_PATH, TRACER_OFFSETS, BtfError, KernelBtf, tracer_defines
+from app.bpf.btf import DEFAULT_BTF_PATH, SK_HEAD_FIELDS, TRACER_OFFSETS, BtfError, KernelBtf, tracer_defines
 
 needs_btf = pytest.mark.skipif(not DEFAULT_BTF_PATH.exists(), reason="no kernel BTF on this host")
 
@@ -14,7 +14,9 @@ needs_btf = pytest.mark.skipif(not DEFAULT_BTF_PATH.exists(), reason="no kernel 
 @needs_btf
 def test_every_tracer_offset_resolves_inside_its_struct() -> None:
     defs = tracer_defines()
-    assert set(defs) == {m for m, _, _ in TRACER_OFFSETS} | {"SOCK_DONE_BIT"}
+    assert set(defs) == {m for m, _, _ in TRACER_OFFSETS} | {"SOCK_DONE_BIT", "SK_HEAD_SIZE"}
+    # tracer.c reads these from one copy of the first SK_HEAD_SIZE bytes of struct sock.
+    assert all(defs[m] + size <= defs["SK_HEAD_SIZE"] for m, size in SK_HEAD_FIELDS.items())
     # sock_common is the first member of struct sock, and tcp_sock embeds a sock.
     assert defs["OFF_SKC_DADDR"] < defs["OFF_SKC_FAMILY"] < 64
     assert defs["OFF_BYTES_SENT"] > 1000 and defs["OFF_BYTES_RECEIVED"] > 1000

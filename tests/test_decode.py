@@ -1,4 +1,4 @@
-"""decode.py on recorded-shape raw records: pure, no kernel."""
+"""decode.py and the public text of records (models.py), on recorded-shape frames: pure, no kernel."""
 
 from __future__ import annotations
 
@@ -7,89 +7,88 @@ import socket
 
 import pytest
 
-from app.decode import RECORD, DecodeError, Decoder
-from app.models import Event, event_json
+from app.bpf.event import FLAG_SYN, FRAME
+from app.decode import DecodeError, Decoder
+from app.models import Event
+from tests.evfactory import T0, T0_NS, TEXTS, ev, frames, writer
 
 
-def record(**over: object) -> bytes:
-    f: dict[str, object] = dict(
-        ts_ns=5_000_000_000, conn_id=7, start_ns=4_000_000_000, bytes_sent=10, bytes_received=20, bytes_retrans=0,
-        pid=42, netns=4026531840, saddr=socket.inet_pton(socket.AF_INET, "10.0.0.1"),
-        daddr=socket.inet_pton(socket.AF_INET, "10.0.0.2"), sport=5555, dport=80, family=4, type=3,
-        role=0, state=1, oldstate=2, flags=0, comm=b"curl",
-    )
-    f.update(over)
-    return RECORD.pack(*f.values())
+def decode_one(**kw: object) -> list[Event]:
+    w = writer()
+    return [w.event(i, r) for i, r in enumerate(Decoder().decode(frames(ev(**kw))), 1)]  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name,over,want", [
-    ("ipv4 established", {}, dict(type="established", family="ipv4", src_addr="10.0.0.1", src_port=5555,
-                                  dst_addr="10.0.0.2", dst_port=80, role="client", state="ESTABLISHED",
-                                  pid=42, comm="curl", bytes_sent=10, bytes_received=20, conn_id="c7")),
-    ("ipv6 server", dict(family=6, role=1, type=2, state=3,
-                         saddr=socket.inet_pton(socket.AF_INET6, "fd00::1"),
-                         daddr=socket.inet_pton(socket.AF_INET6, "::ffff:1.2.3.4")),
-     dict(family="ipv6", role="server", type="syn_recv", state="SYN_RECV", src_addr="fd00::1",
-          dst_addr="::ffff:1.2.3.4")),
-    ("FIN received is not payload", dict(flags=1, bytes_received=1235, type=5, state=7),
-     dict(bytes_received=1234, type="close", state="CLOSE")),
-    ("FIN alone", dict(flags=1, bytes_received=1), dict(bytes_received=0)),
-    ("FIN flag without bytes never goes negative", dict(flags=1, bytes_received=0), dict(bytes_received=0)),
-    ("retransmitted bytes are not payload twice", dict(bytes_sent=100040, bytes_retrans=40),
-     dict(bytes_sent=100000, bytes_retrans=40)),
-    ("unknown owner", dict(pid=0, comm=b"swapper/1"), dict(pid=None, comm=None)),
-    ("data queue", dict(type=4), dict(type="data_queue")),
+@pytest.mark.parametrize("name,kw,want", [
+    ("ipv4 established", dict(type_="established", conn=7),
+     dict(type="established", family="ipv4", src_addr="10.0.0.1", src_port=40007, dst_addr="10.0.0.2",
+          dst_port=80, role="client", state="ESTABLISHED", pid=100, comm="cli", conn_id="c7")),
+    ("ipv6 server", dict(type_="data_queue", conn=8, family="ipv6", role="server", src_addr="fd00::1",
+                         dst_addr="::ffff:1.2.3.4", bytes_received=9),
+     dict(family="ipv6", role="server", type="data_queue", src_addr="fd00::1", dst_addr="::ffff:1.2.3.4",
+          bytes_received=9)),
+    ("unknown owner", dict(type_="close", conn=9, pid=0, comm="swapper/1"), dict(pid=None, comm=None)),
 ])
-def test_decode(name: str, over: dict[str, object], want: dict[str, object]) -> None:
-    ev = Decoder(wall_offset_ns=1_700_000_000_000_000_000).decode(record(**over))
-    got = ev.model_dump()
+def test_decode(name: str, kw: dict[str, object], want: dict[str, object]) -> None:
+    (got,) = decode_one(**kw)
+    d = got.model_dump()
     for k, v in want.items():
-        assert got[k] == v, (name, k)
+        assert d[k] == v, (name, k)
+
+
+def test_a_syn_flagged_record_is_two_events() -> None:
+    # The kernel folds the syn event into the first record with the real tuple.
+    rec = ev("established", 3, 5.0, start_ms=2.0, flags=FLAG_SYN | 2, bytes_sent=0)
+    w = writer()
+    syn, est = (w.event(i, r) for i, r in enumerate(Decoder().decode(frames(rec)), 1))
+    assert (syn.type, syn.state, syn.seq, est.type, est.seq) == ("syn_sent", "SYN_SENT", 1, "established", 2)
+    assert syn.ts_ns == est.ts_ns - 3_000_000 and (syn.src_port, syn.pid) == (est.src_port, est.pid)
+    server = ev("close", 4, 5.0, role="server", flags=FLAG_SYN)
+    assert [r[13] for r in Decoder().decode(frames(server))] == [2, 5]   # syn_recv, close
 
 
 def test_timestamp_is_kernel_time_plus_offset() -> None:
-    ev = Decoder(wall_offset_ns=1_700_000_000_000_000_000).decode(record(ts_ns=2_500_000_000))
-    assert ev.ts_ns == 2_500_000_000
-    assert ev.ts.timestamp() == pytest.approx(1_700_000_002.5)
-    assert ev.model_dump_json().count('"ts":"2023-11-14T22:13:22.5') == 1
+    (e,) = decode_one(type_="close", conn=1, t_ms=2500.0)
+    assert e.ts.timestamp() == pytest.approx(T0.timestamp() + 2.5)
+    assert e.model_dump_json().count('"ts":"2026-11-25T12:00:02.5') == 1
 
 
-@pytest.mark.parametrize("raw,msg", [
-    (b"\0" * 10, "record of 10 bytes"),
-    (record(type=99), "unknown type"),
-    (record(state=99), "unknown type/role/state"),
-    (record(role=5), "unknown type/role/state"),
-    (record(family=9), "unknown family"),
-])
-def test_bad_records_raise_decode_error(raw: bytes, msg: str) -> None:
-    with pytest.raises(DecodeError, match=msg):
-        Decoder(0).decode(raw)
+@pytest.mark.parametrize("field,value", [("type", 99), ("state", 99), ("role", 5), ("family", 9)])
+def test_bad_records_are_counted_and_skipped(field: str, value: int) -> None:
+    good = ev("close", 1)
+    bad = list(good)
+    bad[{"type": 13, "state": 15, "role": 14, "family": 12}[field]] = value
+    d = Decoder()
+    assert d.decode(frames(good, tuple(bad), good)) == [good, good]
+    assert d.bad_records == 1
 
 
-def test_decoded_event_is_a_valid_event() -> None:
-    # The decoder skips validation for speed; what it builds must still validate.
-    ev = Decoder(0).decode(record(flags=1, type=5, state=7))
-    assert Event.model_validate(ev.model_dump()).model_dump() == ev.model_dump()
-    ev.seq = 9
-    assert Event.model_validate_json(ev.model_dump_json()).seq == 9
+def test_frames_of_a_wrong_length_raise() -> None:
+    with pytest.raises(DecodeError):
+        Decoder().decode(b"\0" * (FRAME.size + 3))
 
 
-@pytest.mark.parametrize("over", [
+@pytest.mark.parametrize("kw", [
     {},
     dict(pid=0),
-    dict(comm=b'we"ird\\name\x01'),
-    dict(comm="caf\u00e9".encode()),
-    dict(ts_ns=0),
-    dict(family=6, saddr=socket.inet_pton(socket.AF_INET6, "fd00::1"), daddr=bytes(16)),
+    dict(comm='we"ird\\name\x01'),
+    dict(comm="caf\u00e9"),
+    dict(t_ms=-T0_NS / 1e6),   # ts_ns 0
+    dict(family="ipv6", src_addr="fd00::1", dst_addr="::"),
 ])
-def test_event_json_is_the_models_json(over: dict[str, object]) -> None:
-    ev = Decoder(wall_offset_ns=1_700_000_000_000_000_000).decode(record(**over))
-    ev.__dict__["seq"] = 12
-    assert json.loads(event_json(ev)) == json.loads(ev.model_dump_json())
+def test_event_json_is_the_models_json(kw: dict[str, object]) -> None:
+    rec = ev("data_queue", 12, **kw)  # type: ignore[arg-type]
+    w = writer()
+    assert json.loads(w.json(12, rec)) == json.loads(w.event(12, rec).model_dump_json())
 
 
-def test_event_json_of_a_constructed_event() -> None:
-    # Events not made by the decoder have no precomputed tail: event_json builds it.
-    ev = Event.model_validate_json(Decoder(10**18).decode(record(pid=0)).model_dump_json())
-    ev.seq = 3
-    assert json.loads(event_json(ev)) == json.loads(ev.model_dump_json())
+def test_steady_part_follows_the_owner() -> None:
+    # The fields that do not change are cached per connection, but not past a change of owner.
+    w = writer()
+    first = json.loads(w.json(1, ev("established", 5, pid=0)))
+    later = json.loads(w.json(2, ev("data_queue", 5, pid=77, comm="worker")))
+    assert (first["pid"], later["pid"], later["comm"]) == (None, 77, "worker")
+
+
+def test_ipv4_address_text_from_16_bytes() -> None:
+    raw = socket.inet_pton(socket.AF_INET, "1.2.3.4").ljust(16, b"\0")
+    assert TEXTS.addr(raw, 4) == "1.2.3.4"

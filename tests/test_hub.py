@@ -6,7 +6,7 @@ import json
 
 from app.filters import Filter
 from app.hub import EventHub, Subscriber
-from tests.evfactory import ev
+from tests.evfactory import ev, writer
 
 
 def publish(hub: EventHub, n: int, port: int = 80) -> None:
@@ -23,7 +23,7 @@ def controls(msgs: list[str]) -> list[dict[str, object]]:
 
 
 def test_seq_strictly_increasing_and_serialised_once() -> None:
-    hub = EventHub(replay_events=100)
+    hub = EventHub(writer(), replay_events=100)
     subs = [hub.subscribe() for _ in range(3)]
     publish(hub, 5)
     assert [i.seq for i in hub.replay] == [1, 2, 3, 4, 5]
@@ -35,7 +35,7 @@ def test_seq_strictly_increasing_and_serialised_once() -> None:
 
 
 def test_slow_subscriber_loses_oldest_and_is_told() -> None:
-    hub = EventHub(replay_events=1000, subscriber_queue_events=10)
+    hub = EventHub(writer(), replay_events=1000, subscriber_queue_events=10)
     slow, fast = hub.subscribe(), hub.subscribe()
     got_fast: list[str] = []
     for _ in range(5):
@@ -52,7 +52,7 @@ def test_slow_subscriber_loses_oldest_and_is_told() -> None:
 
 
 def test_filtered_subscriber() -> None:
-    hub = EventHub()
+    hub = EventHub(writer())
     sub = hub.subscribe(Filter(port=443).predicate())
     publish(hub, 3, port=80)
     publish(hub, 2, port=443)
@@ -64,7 +64,7 @@ def drain(sub: Subscriber) -> list[str]:
 
 
 def test_resume_no_gap_no_dup() -> None:
-    hub = EventHub(replay_events=100)
+    hub = EventHub(writer(), replay_events=100)
     first = hub.subscribe()
     publish(hub, 10)
     got = first.take()[:6]           # client saw up to seq 6, then disconnected
@@ -79,7 +79,7 @@ def test_resume_no_gap_no_dup() -> None:
 
 
 def test_resume_filtered_and_after_latest() -> None:
-    hub = EventHub(replay_events=100)
+    hub = EventHub(writer(), replay_events=100)
     publish(hub, 4, port=80)
     publish(hub, 2, port=443)
     sub = hub.subscribe(Filter(port=443).predicate(), after=0)
@@ -91,7 +91,7 @@ def test_resume_filtered_and_after_latest() -> None:
 
 
 def test_resume_older_than_replay_says_overwritten() -> None:
-    hub = EventHub(replay_events=10)
+    hub = EventHub(writer(), replay_events=10)
     publish(hub, 25)                 # held: 16..25
     sub = hub.subscribe(after=3)     # 4..15 are gone: 12 events
     msgs = sub.take()
@@ -101,7 +101,7 @@ def test_resume_older_than_replay_says_overwritten() -> None:
 
 
 def test_events_after_oldest_first() -> None:
-    hub = EventHub(replay_events=10)
+    hub = EventHub(writer(), replay_events=10)
     publish(hub, 25)
     assert [i.seq for i in hub.events_after(0, 3)] == [16, 17, 18]
     assert [i.seq for i in hub.events_after(20, 100)] == [21, 22, 23, 24, 25]
@@ -109,7 +109,7 @@ def test_events_after_oldest_first() -> None:
 
 
 def test_unsubscribe_stops_delivery() -> None:
-    hub = EventHub()
+    hub = EventHub(writer())
     sub = hub.subscribe()
     sub.close()
     publish(hub, 3)
@@ -117,7 +117,7 @@ def test_unsubscribe_stops_delivery() -> None:
 
 
 async def test_next_batch_wakes_and_ends_on_close() -> None:
-    hub = EventHub()
+    hub = EventHub(writer())
     sub = hub.subscribe()
     publish(hub, 2)
     assert seqs(await sub.next_batch()) == [1, 2]
@@ -126,7 +126,7 @@ async def test_next_batch_wakes_and_ends_on_close() -> None:
 
 
 def test_take_in_bounded_batches_keeps_order() -> None:
-    hub = EventHub(replay_events=100, subscriber_queue_events=50)
+    hub = EventHub(writer(), replay_events=100, subscriber_queue_events=50)
     publish(hub, 30)
     resumed = hub.subscribe(after=0)          # 30 held events as backlog
     publish(hub, 10)                          # 10 live ones queued behind them
@@ -138,7 +138,7 @@ def test_take_in_bounded_batches_keeps_order() -> None:
 
 
 def test_subscriber_counters() -> None:
-    hub = EventHub(subscriber_queue_events=3)
+    hub = EventHub(writer(), subscriber_queue_events=3)
     a, b = hub.subscribe(label="port=1"), hub.subscribe()
     publish(hub, 2)
     b.take()

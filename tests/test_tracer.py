@@ -17,7 +17,7 @@ import pytest
 from app.bpf.loader import Tracer, TracerError, check_host
 from app.config import Settings
 from app.decode import Decoder
-from app.models import Event
+from app.models import Event, EventWriter, Texts
 from tests.exchange import Exchange, run_exchange
 from tests.netns import VethPair
 from tests.tracestream import VENV_BIN, TraceStream, between
@@ -156,15 +156,16 @@ async def test_ring_buffer_overflow_is_counted() -> None:
         tracer = Tracer(Settings(ringbuf_pages=1, filter_port=port))
         tracer.open()
         got: list[Event] = []
-        decoder = Decoder(0)
+        decoder = Decoder()
+        writer = EventWriter(Texts(0))
         arrived = asyncio.Event()
         try:
             _burst(ls, 200)
             lost = tracer.lost_kernel()
             assert lost > 0
 
-            def on_records(batch: list[bytes]) -> None:
-                got.extend(decoder.decode(r) for r in batch)
+            def on_records(frames: bytes, count: int) -> None:
+                got.extend(writer.event(0, r) for r in decoder.decode(frames))
                 arrived.set()
 
             tracer.start_reading(asyncio.get_running_loop(), on_records)
@@ -202,7 +203,7 @@ async def test_ring_buffer_overflow_is_counted() -> None:
 
 def our_prog_ids() -> set[int]:
     out = subprocess.run(["bpftool", "prog", "list", "--json"], capture_output=True, text=True, check=True)
-    return {p["id"] for p in json.loads(out.stdout) if p.get("name", "").startswith("tracepoint__soc")}
+    return {p["id"] for p in json.loads(out.stdout) if p.get("name", "").startswith("ct_")}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -223,7 +224,8 @@ def test_exit_detaches_everything(sig: int) -> None:
 def test_check_reports_tracepoint_mode() -> None:
     res = subprocess.run([str(VENV_BIN / "conn-tracer"), "check"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert "attach mode: tracepoint:sock:inet_sock_set_state+tracepoint:sock:sk_data_ready" in res.stdout
+    assert ("attach mode: raw_tracepoint:sock:inet_sock_set_state+raw_tracepoint:sock:sk_data_ready"
+            in res.stdout)
 
 
 def test_check_missing_btf_says_one_line(tmp_path: Path) -> None:

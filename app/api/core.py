@@ -11,8 +11,9 @@ from typing import Any, Protocol
 from app import sockdiag
 from app.config import Settings
 from app.hub import EventHub
+from app.models import EventWriter, Texts
 from app.pipeline import Pipeline
-from app.table import ConnectionTable
+from app.table import ConnectionTable, conn_key
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class Source(Protocol):
 
     def open(self) -> None: ...
 
-    def start_reading(self, loop: asyncio.AbstractEventLoop, on_records: Callable[[list[bytes]], None]) -> None: ...
+    def start_reading(self, loop: asyncio.AbstractEventLoop, on_records: Callable[[bytes, int], None]) -> None: ...
 
     def drain(self) -> int: ...
 
@@ -56,14 +57,15 @@ class Core:
         self.settings = settings
         self.tracer_factory = tracer_factory
         self.tracer: Source | None = None
-        self.table = ConnectionTable(settings.max_closed_connections, settings.max_open_connections)
-        self.hub = EventHub(settings.replay_events, settings.subscriber_queue_events)
+        # One mapping of the kernel's CLOCK_MONOTONIC to UTC for the whole run.
+        self.texts = Texts(time.time_ns() - time.monotonic_ns())
+        self.table = ConnectionTable(self.texts, settings.max_closed_connections, settings.max_open_connections)
+        self.hub = EventHub(EventWriter(self.texts), settings.replay_events, settings.subscriber_queue_events)
         self.pipeline = Pipeline(self.table, self.hub)
         self.started_mono = time.monotonic()
         self.websockets: set[Any] = set()
         self.shutting_down = False
         self._refresh_task: asyncio.Task[None] | None = None
-        self._drain_task: asyncio.Task[None] | None = None
         self.registry: Any = None  # set by create_app
         self.start_error: BaseException | None = None
 
@@ -105,8 +107,6 @@ class Core:
             raise
         if self.settings.preexisting and self.settings.preexisting_refresh_s > 0:
             self._refresh_task = asyncio.create_task(self._refresh_loop())
-        if self.settings.drain_interval_s > 0:
-            self._drain_task = asyncio.create_task(self._drain_loop())
 
     def _load_preexisting(self) -> None:
         try:
@@ -116,7 +116,6 @@ class Core:
             log.warning("sock_diag dump failed, preexisting connections not loaded: %s", exc)
             return
         n = self.table.add_preexisting(sockdiag.preexisting(socks, owners))
-        self._pre_next = n + 1
         log.info("%d preexisting connections from sock_diag", n)
 
     async def _refresh_loop(self) -> None:
@@ -128,18 +127,7 @@ class Core:
             except OSError as exc:
                 log.warning("sock_diag refresh failed: %s", exc)
                 continue
-            alive = dict(sockdiag.preexisting(socks, {}))
-            self.table.refresh_preexisting(alive)
-
-    async def _drain_loop(self) -> None:
-        # Belt and braces: the ring buffer fd wakes the reader, but the kernel's adaptive wake-up
-        # skips notifications while it thinks the consumer is behind; a slow poll bounds how long
-        # records could sit unread if one were ever missed. An empty drain costs microseconds.
-        while True:
-            await asyncio.sleep(self.settings.drain_interval_s)
-            t = self.tracer
-            if t is not None and t.reading:
-                t.drain()
+            self.table.refresh_preexisting({conn_key(r): r for r in sockdiag.preexisting(socks, {})})
 
     async def close_websockets(self, code: int = 1001, timeout_s: float = 3.0) -> None:
         """Asks every WebSocket handler to close with `code`, waits (bounded) until they have."""
@@ -153,13 +141,14 @@ class Core:
 
     def stop(self) -> None:
         """Detach everything (safe twice)."""
-        for task in (self._refresh_task, self._drain_task):
-            if task is not None:
-                task.cancel()
-        self._refresh_task = self._drain_task = None
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            self._refresh_task = None
         if self.tracer is not None:
             try:
-                self.tracer.drain()
-                self.pipeline.flush()
+                # What is still in the ring: bounded, the programs keep writing until detached.
+                for _ in range(64):
+                    if not self.tracer.drain():
+                        break
             finally:
                 self.tracer.close()

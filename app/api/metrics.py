@@ -29,7 +29,6 @@ class CoreCollector(Collector):
         lost.add_metric(["kernel"], core.lost_kernel())
         lost.add_metric(["subscriber"], hub.dropped_subscribers)
         lost.add_metric(["decode"], core.pipeline.decode_errors)
-        lost.add_metric(["backlog"], core.pipeline.backlog_dropped)
         yield lost
         gauges = (
             ("conn_tracer_connections_open", "Open connections in the table", table.open_count),

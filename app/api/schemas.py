@@ -22,8 +22,6 @@ class Stats(BaseModel):
     lost_kernel: int = Field(description="events the kernel could not put in the full ring buffer")
     dropped_subscribers: int = Field(description="events dropped to slow WebSocket subscribers, all together")
     decode_errors: int = Field(description="ring-buffer records that could not be decoded (skipped)")
-    backlog_dropped: int = Field(description="records shed because processing fell too far behind (overload)")
-    backlog_records: int = Field(description="records read from the ring buffer, waiting to be processed")
     connections_open: int = Field(description="open connections in the table")
     connections_closed_kept: int = Field(description="closed connections still held (max_closed_connections)")
     connections_preexisting: int = Field(description="connections read from sock_diag at start-up, still open")

@@ -186,6 +186,7 @@ TRACER_OFFSETS: tuple[tuple[str, str, str], ...] = (
     ("OFF_BYTES_RETRANS", "tcp_sock", "bytes_retrans"),
     ("OFF_SK_FLAGS", "sock", "__sk_common.skc_flags"),
     ("OFF_SK_NET", "sock", "__sk_common.skc_net.net"),
+    ("OFF_SK_PROTOCOL", "sock", "sk_protocol"),
     ("OFF_NET_INUM", "net", "ns.inum"),
     ("OFF_SKC_FAMILY", "sock_common", "skc_family"),
     ("OFF_SKC_DPORT", "sock_common", "skc_dport"),
@@ -197,9 +198,19 @@ TRACER_OFFSETS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# The fields tracer.c takes from one read of the start of struct sock, with their sizes.
+SK_HEAD_FIELDS = {"OFF_SKC_DADDR": 4, "OFF_SKC_RCV_SADDR": 4, "OFF_SKC_DPORT": 2, "OFF_SKC_FAMILY": 2,
+                  "OFF_SKC_V6_DADDR": 16, "OFF_SKC_V6_RCV_SADDR": 16, "OFF_SK_FLAGS": 8}
+MAX_SK_HEAD_SIZE = 256   # a stack buffer in the BPF program (512 bytes of stack in all)
+
+
 def tracer_defines(path: Path = DEFAULT_BTF_PATH) -> dict[str, int]:
     """Every offset and enum value tracer.c needs, keyed by its macro name."""
     with KernelBtf(path) as btf:
         out = {macro: btf.offset(struct, member) for macro, struct, member in TRACER_OFFSETS}
         out["SOCK_DONE_BIT"] = btf.enum_value("sock_flags", "SOCK_DONE")
+    head = max(out[m] + size for m, size in SK_HEAD_FIELDS.items())
+    out["SK_HEAD_SIZE"] = (head + 7) & ~7
+    if out["SK_HEAD_SIZE"] > MAX_SK_HEAD_SIZE:
+        raise BtfError(f"sock_common fields span {head} bytes, more than the {MAX_SK_HEAD_SIZE} read at once")
     return out

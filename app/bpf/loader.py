@@ -22,18 +22,25 @@ from pathlib import Path
 from typing import Any
 
 from app.bpf.btf import BtfError, tracer_defines
+from app.bpf.event import FRAME, RECORD, RING_HEADER_SIZE
 from app.config import Settings
-from app.decode import RECORD
 
 log = logging.getLogger(__name__)
 
 TRACER_C = Path(__file__).with_name("tracer.c")
 SETUP_HINT = "run scripts/setup.sh (or `make setup`) as root"
 
-# Tracepoints tracer.c attaches in every mode, as (category, event).
-BASE_TRACEPOINTS = (("sock", "inet_sock_set_state"), ("sock", "sock_send_length"), ("sock", "sock_recv_length"))
-DATA_QUEUE_TRACEPOINT = ("sock", "sk_data_ready")
+# Raw tracepoints tracer.c attaches in every mode, as (tracepoint, program). Raw: the
+# program gets the tracepoint's arguments as they are, no perf buffer filled per hit.
+BASE_TRACEPOINTS = (("inet_sock_set_state", "ct_state"), ("sock_send_length", "ct_send"),
+                    ("sock_recv_length", "ct_recv"))
+DATA_QUEUE_TRACEPOINT = ("sk_data_ready", "ct_data_ready")
 DATA_QUEUE_KPROBE = "tcp_data_queue"
+DATA_QUEUE_KPROBE_PROGRAM = "ct_dq_kprobe"
+# The tracefs category of every tracepoint above, for the host check.
+TRACEPOINT_CATEGORY = "sock"
+
+CTR_LOST = 1   # tracer.c: counters[CTR_LOST]
 
 BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_MAP_TYPE_RINGBUF = 27
@@ -66,11 +73,11 @@ class HostReport:
     def data_queue_hook(self) -> str:
         if self.kprobes:
             return f"kprobe:{DATA_QUEUE_KPROBE}"
-        return "tracepoint:{}:{}".format(*DATA_QUEUE_TRACEPOINT)
+        return f"raw_tracepoint:{TRACEPOINT_CATEGORY}:{DATA_QUEUE_TRACEPOINT[0]}"
 
     @property
     def attach_mode(self) -> str:
-        return f"tracepoint:sock:inet_sock_set_state+{self.data_queue_hook}"
+        return f"raw_tracepoint:{TRACEPOINT_CATEGORY}:inet_sock_set_state+{self.data_queue_hook}"
 
     def first_failure(self) -> str:
         """One line: what is missing and how to fix it."""
@@ -149,7 +156,8 @@ def check_host(settings: Settings, mount: bool = True) -> HostReport:
     hook = settings.data_queue_hook
     rep.kprobes = hook == "kprobe" or (hook == "auto" and have_kprobes)
     needed = list(BASE_TRACEPOINTS) + ([] if rep.kprobes else [DATA_QUEUE_TRACEPOINT])
-    missing = [f"{c}:{e}" for c, e in needed if not (tracefs / "events" / c / e / "format").exists()]
+    missing = [f"{TRACEPOINT_CATEGORY}:{tp}" for tp, _ in needed
+               if not (tracefs / "events" / TRACEPOINT_CATEGORY / tp / "format").exists()]
     add(Check("tracepoints", not missing, "missing " + ", ".join(missing) if missing
               else "all needed tracepoints present", "a kernel >= 6.1 with CONFIG_BPF_EVENTS=y is needed"))
 
@@ -180,6 +188,8 @@ def build_cflags(settings: Settings, rep: HostReport) -> list[str]:
     defs.update(
         EVENT_SIZE=RECORD.size,
         RINGBUF_PAGES=settings.ringbuf_pages,
+        WAKEUP_INTERVAL_NS=int(settings.wakeup_interval_us * 1000),
+        WAKEUP_RECORDS=settings.wakeup_batch_records,
         MAX_SOCKETS=settings.max_sockets,
         DATA_QUEUE_INTERVAL_NS=int(settings.data_queue_interval_ms * 1_000_000),
         FILTER_PORT=settings.filter_port,
@@ -221,20 +231,22 @@ def release_compiler_memory() -> None:
         pass
 
 
+RecordsCallback = Callable[[bytes, int], None]
+"""Receives `count` records as one contiguous run of FRAME-sized ring frames."""
+
+
 class RingReader:
     """Consumes a BPF ring buffer through its mmap'd pages, at most `max_records` per call.
 
-    bcc's ring_buffer_consume() calls a ctypes callback per record and always empties
-    the ring; profiling showed that callback plus the copy-out at ~25% of the service's
-    CPU. Reading the pages directly costs a fraction, and a bounded read leaves the
-    rest in the kernel ring (the fd stays readable), so a busy loop still serves
-    HTTP and WebSocket clients between batches and overload shows up as kernel loss,
-    counted, instead of an unbounded backlog in user space.
+    Every record tracer.c writes has the same size, so committed records sit back to
+    back, FRAME.size apart: a batch is one copy of a contiguous span (the data area is
+    mapped twice, so a span never wraps) that the decoder unpacks in one call. The
+    headers are checked in bulk; only a busy (reserved, not yet committed) or
+    discarded record sends the read down the record-by-record path.
     Layout (kernel/bpf/ringbuf.c): page 0 consumer_pos (read-write), page 1
-    producer_pos, then the data area mapped twice so records never wrap.
+    producer_pos, then the data area mapped twice.
     """
 
-    HEADER = 8
     BUSY = 1 << 31
     DISCARD = 1 << 30
     _LEN = struct.Struct("<I")
@@ -249,27 +261,44 @@ class RingReader:
         self._cons = memoryview(self._cons_map)[:8].cast("Q")
         prod = memoryview(self._prod_map)
         self._prod = prod[:8].cast("Q")
-        self._data = prod[page:]
+        self._data = prod[page:page + 2 * data_size]
         self._mask = data_size - 1
+        self._data_size = data_size
+        self.bad_records = 0
 
-    def read(self, max_records: int) -> list[bytes]:
-        """Copies out up to `max_records` committed records and releases their space."""
+    def read(self, max_records: int) -> tuple[bytes, int]:
+        """Copies out up to `max_records` committed records, releases their space; (frames, count)."""
         cons = self._cons[0]
         prod = self._prod[0]
-        data, mask, unpack = self._data, self._mask, self._LEN.unpack_from
-        busy, discard, hdr = self.BUSY, self.DISCARD, self.HEADER
-        out: list[bytes] = []
-        while cons < prod and len(out) < max_records:
+        stride = FRAME.size
+        n = min((prod - cons) // stride, max_records, self._data_size // stride)
+        if n > 0:
+            span = self._data[(off := cons & self._mask):off + n * stride]
+            # A committed record's header is its length with no flag bits set.
+            if span.cast("I")[::stride // 4].tolist().count(RECORD.size) == n:
+                frames = span.tobytes()
+                self._cons[0] = cons + n * stride
+                return frames, n
+        return self._read_slow(cons, prod, max_records) if prod > cons else (b"", 0)
+
+    def _read_slow(self, cons: int, prod: int, max_records: int) -> tuple[bytes, int]:
+        """Record by record: stops at the first busy one, skips discarded and foreign-sized ones."""
+        data, mask, hdr = self._data, self._mask, RING_HEADER_SIZE
+        keep: list[bytes] = []
+        while cons < prod and len(keep) < max_records:
             off = cons & mask
-            (length,) = unpack(data, off)
-            if length & busy:
+            (length,) = self._LEN.unpack_from(data, off)
+            if length & self.BUSY:
                 break   # reserved, not yet committed: records after it wait too (ring order)
-            size = length & ~(busy | discard)
-            if not length & discard:
-                out.append(data[off + hdr:off + hdr + size].tobytes())
+            size = length & ~(self.BUSY | self.DISCARD)
+            if not length & self.DISCARD:
+                if size == RECORD.size:
+                    keep.append(data[off:off + FRAME.size].tobytes())
+                else:
+                    self.bad_records += 1   # not ours to decode; counted, skipped
             cons += (size + hdr + 7) & ~7
         self._cons[0] = cons
-        return out
+        return b"".join(keep), len(keep)
 
     def close(self) -> None:
         for view in (self._cons, self._prod, self._data):
@@ -290,8 +319,10 @@ class Tracer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
         self._ring: RingReader | None = None
-        self._on_records: Callable[[list[bytes]], None] | None = None
-        self.max_batch_records = 512
+        self._on_records: RecordsCallback | None = None
+        self._next_drain: asyncio.Handle | None = None
+        self._next_drain_soon = False
+        self.max_batch_records = settings.read_batch_records
         self.compile_seconds = 0.0
         self.callback_errors = 0
 
@@ -327,10 +358,10 @@ class Tracer:
         self.compile_seconds = time.perf_counter() - t0
         try:
             tps = list(BASE_TRACEPOINTS) + ([] if self.report.kprobes else [DATA_QUEUE_TRACEPOINT])
-            for cat, ev in tps:
-                bpf.attach_tracepoint(tp=f"{cat}:{ev}".encode(), fn_name=f"tracepoint__{cat}__{ev}".encode())
+            for tp, prog in tps:
+                bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=prog.encode())
             if self.report.kprobes:
-                bpf.attach_kprobe(event=DATA_QUEUE_KPROBE.encode(), fn_name=b"kprobe__tcp_data_queue")
+                bpf.attach_kprobe(event=DATA_QUEUE_KPROBE.encode(), fn_name=DATA_QUEUE_KPROBE_PROGRAM.encode())
             self._ring = RingReader(bpf[b"events"].map_fd, self.settings.ringbuf_pages * mmap.PAGESIZE)
         except Exception as exc:
             bpf.cleanup()
@@ -338,41 +369,74 @@ class Tracer:
         self._bpf = bpf
         release_compiler_memory()
 
-    def start_reading(self, loop: asyncio.AbstractEventLoop, on_records: Callable[[list[bytes]], None]) -> None:
-        """Feeds record batches to `on_records` whenever the ring buffer fd is readable.
+    def start_reading(self, loop: asyncio.AbstractEventLoop, on_records: RecordsCallback) -> None:
+        """Feeds record batches to `on_records`: on a wake-up from the kernel, and on a timer while records flow.
 
-        At most `max_batch_records` per wake-up: the fd stays readable while records
-        remain, so the loop comes back after serving everything else that is ready.
+        tracer.c wakes the reader per batch, not per record (see submit_flags), so a
+        record can wait in the ring until the next wake-up; while records are flowing a
+        `drain_interval_ms` timer bounds that wait. When a drain finds nothing the timer
+        stops, and the next record after the quiet spell wakes the reader itself.
+        At most `max_batch_records` per call: the loop serves everything else that is
+        ready between batches.
         """
         if self._bpf is None or self._ring is None:
             raise TracerError("tracer is not open")
         self._on_records = on_records
         self._loop = loop
         self._fd = self._bpf[b"events"].map_fd
-        loop.add_reader(self._fd, self.drain)
+        loop.add_reader(self._fd, self._drain_and_schedule)
+
+    def _on_timer(self) -> None:
+        self._next_drain = None
+        self._drain_and_schedule()
+
+    def _drain_and_schedule(self) -> None:
+        n = self.drain()
+        loop = self._loop
+        if loop is None or n == 0:
+            return
+        # A full batch: more is waiting, come back right after the loop's other work.
+        soon = n >= self.max_batch_records
+        pending = self._next_drain
+        if pending is not None:
+            if self._next_drain_soon or not soon:
+                return
+            pending.cancel()
+        self._next_drain_soon = soon
+        if soon:
+            self._next_drain = loop.call_soon(self._on_timer)
+        else:
+            self._next_drain = loop.call_later(self.settings.drain_interval_ms / 1000, self._on_timer)
 
     def drain(self) -> int:
         """Hands up to one batch of waiting records over now; returns how many."""
         if self._ring is None:
             return 0
-        batch = self._ring.read(self.max_batch_records)
-        if batch and self._on_records is not None:
+        frames, n = self._ring.read(self.max_batch_records)
+        if n and self._on_records is not None:
             try:
-                self._on_records(batch)
+                self._on_records(frames, n)
             except Exception:
                 # One bad batch must not stop the reader (the fd callback would be lost).
                 self.callback_errors += 1
-                log.exception("event consumer failed on a batch of %d records", len(batch))
-        return len(batch)
+                log.exception("event consumer failed on a batch of %d records", n)
+        return n
+
+    def bad_records(self) -> int:
+        """Ring records of a size tracer.c does not write (skipped)."""
+        return self._ring.bad_records if self._ring is not None else 0
 
     def lost_kernel(self) -> int:
         """Events the kernel could not put in the full ring buffer."""
         if self._bpf is None:
             return 0
-        return int(self._bpf[b"counters"][ctypes.c_int(1)].value)
+        return int(self._bpf[b"counters"][ctypes.c_int(CTR_LOST)].value)
 
     def stop_reading(self) -> None:
         """Unhooks the ring buffer from the event loop; programs stay attached."""
+        if self._next_drain is not None:
+            self._next_drain.cancel()
+            self._next_drain = None
         if self._loop is not None and self._fd >= 0:
             self._loop.remove_reader(self._fd)
         self._fd = -1

@@ -3,21 +3,35 @@
 // Compiled by bcc at start-up. Kernel struct fields are never read through the
 // header layouts (the headers bcc compiles against may belong to another kernel):
 // every offset below arrives as a -D flag computed from the running kernel's BTF
-// by app/bpf/btf.py. Tracepoint arguments come from tracefs, so they are exact.
+// by app/bpf/btf.py.
+//
+// Cost is the design constraint (issue 8): every program is a raw tracepoint (no
+// perf buffer is filled for us), paths that emit nothing do one map lookup, a
+// record is written in place in the ring (reserve/submit), one record per
+// connection stands for both its syn_* and its established event, and user space
+// is woken per batch of records, not per record.
 //
 // Flags set by the loader:
 //   OFF_BYTES_RECEIVED, OFF_BYTES_SENT, OFF_BYTES_RETRANS   offsets in struct tcp_sock
-//   OFF_SK_FLAGS, SOCK_DONE_BIT          struct sock.sk_flags and enum sock_flags.SOCK_DONE
+//   OFF_SK_FLAGS, SOCK_DONE_BIT          sock_common.skc_flags and enum sock_flags.SOCK_DONE
 //   OFF_SK_NET, OFF_NET_INUM             sock -> struct net * -> ns.inum
+//   OFF_SK_PROTOCOL                      struct sock.sk_protocol (u16)
 //   OFF_SKC_*, OFF_INET_SPORT            the connection's addresses and ports
+//   SK_HEAD_SIZE                         bytes of struct sock read at once: covers every OFF_SKC_*/OFF_SK_FLAGS/OFF_SK_NET
 //   DATA_QUEUE_KPROBE                    defined where kprobes work (tcp_data_queue)
 //   DATA_QUEUE_INTERVAL_NS               in-kernel coalescing of data-queue events (0 = none)
 //   STATE_EVENTS                         emit an event for every other state change too
 //   FILTER_PORT, FILTER_PID, FILTER_FAMILY  start-up filters (0 = off)
 //   RINGBUF_PAGES, MAX_SOCKETS           sizes
-//   EVENT_SIZE                           sizeof(struct event) as mirrored in app/decode.py
+//   WAKEUP_INTERVAL_NS, WAKEUP_RECORDS   when a record wakes the reader (see submit_flags)
+//   EVENT_SIZE                           sizeof(struct event) as app/bpf/event.py describes it
 
 #include <uapi/linux/ptrace.h>
+
+#ifndef BPF_RB_NO_WAKEUP
+#define BPF_RB_NO_WAKEUP 1
+#define BPF_RB_FORCE_WAKEUP 2
+#endif
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -41,22 +55,23 @@ enum event_type {
 
 enum role { ROLE_CLIENT = 0, ROLE_SERVER = 1 };
 
-#define EVF_FIN_RECEIVED 1   // SOCK_DONE: tcp_fin() ran, bytes_received counts the FIN
+#define EVF_FIN_RECEIVED 1        // SOCK_DONE: tcp_fin() ran (bytes_received already excludes the FIN)
 #define EVF_PID_FROM_CONNECT 2
 #define EVF_PID_FROM_LISTENER 4   // provisional: the first send/recv in process context replaces it
+#define EVF_SYN 8                 // this record also stands for the syn_sent/syn_recv event at start_ns
 
-// The one record shared with user space. app/decode.py mirrors it; the
-// static assert below fails the compile if the two ever disagree in size.
+// The one record shared with user space; app/bpf/event.py describes it and a test
+// checks the two field by field. Byte counters are payload, computed here.
 struct event {
     u64 ts_ns;           // bpf_ktime_get_ns() (CLOCK_MONOTONIC) of this event
-    u64 conn_id;         // per-run connection number, assigned at the first transition
-    u64 start_ns;        // monotonic time the connection was first seen
-    u64 bytes_sent;      // tcp_sock.bytes_sent
-    u64 bytes_received;  // tcp_sock.bytes_received (counts a received FIN; see flags)
-    u64 bytes_retrans;   // tcp_sock.bytes_retrans: bytes_sent counts these a second time
+    u64 start_ns;        // monotonic time the connection was first seen (its SYN)
+    u64 conn_id;         // connection number, assigned at the first transition
+    u64 bytes_sent;      // tcp_sock.bytes_sent less bytes_retrans: payload sent
+    u64 bytes_received;  // tcp_sock.bytes_received less a received FIN: payload received
+    u64 bytes_retrans;   // tcp_sock.bytes_retrans
     u32 pid;             // tgid of the owning process, 0 if not known yet
     u32 netns;           // network namespace inode
-    u8 saddr[16];        // local address (IPv4 in the first 4 bytes)
+    u8 saddr[16];        // local address (IPv4 in the first 4 bytes, the rest zero)
     u8 daddr[16];        // remote address
     u16 sport;           // local port, host order
     u16 dport;           // remote port, host order
@@ -70,7 +85,7 @@ struct event {
     char comm[16];
 };
 
-_Static_assert(sizeof(struct event) == EVENT_SIZE, "struct event differs from app/decode.py");
+_Static_assert(sizeof(struct event) == EVENT_SIZE, "struct event differs from app/bpf/event.py");
 
 // Per-socket facts, keyed by the struct sock pointer. LRU so that sockets whose
 // CLOSE we never saw (e.g. lost to a full ring) cannot fill the map for good.
@@ -80,9 +95,10 @@ struct sock_info {
     u64 last_dq_ns;
     u64 last_dq_payload;   // payload bytes received at the last data-queue event
     u32 pid;
+    u32 netns;             // constant for a socket's life: read once
     u8 role;
     u8 state;
-    u8 syn_pending;   // the syn_sent/syn_recv event waits for the first event with a real tuple
+    u8 syn_pending;        // the syn_* event rides on the first record with a real tuple
     u8 flags;
     char comm[16];
 };
@@ -102,22 +118,49 @@ struct owner {
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_TABLE("lru_hash", struct listener_key, struct owner, listeners, 4096);
 BPF_TABLE("lru_hash", u64, struct sock_info, sockets, MAX_SOCKETS);
-// [0] next connection id, [1] events lost because the ring buffer was full.
+
+// counters[CTR_NEXT_ID] next connection id, [CTR_LOST] records lost to a full ring buffer.
+#define CTR_NEXT_ID 0
+#define CTR_LOST 1
 BPF_ARRAY(counters, u64, 2);
 
 static __always_inline void count_lost(void) {
-    int k = 1;
+    int k = CTR_LOST;
     u64 *v = counters.lookup(&k);
     if (v)
         __sync_fetch_and_add(v, 1);
 }
 
 static __always_inline u64 next_conn_id(void) {
-    int k = 0;
+    int k = CTR_NEXT_ID;
     u64 *v = counters.lookup(&k);
     if (!v)
         return 0;
     return __sync_fetch_and_add(v, 1) + 1;
+}
+
+// Waking the reader costs an irq_work here and a context switch there: do it for
+// the first record after a quiet WAKEUP_INTERVAL_NS, or once WAKEUP_RECORDS were
+// written since the last wake-up; otherwise the record waits for that wake-up or
+// for the reader's own timer. (Unsynchronised across CPUs on purpose: a race
+// costs at most an extra or a later wake-up, never a record.)
+struct wakeup_state {
+    u64 last_ns;
+    u64 records;
+};
+BPF_ARRAY(wakeup, struct wakeup_state, 1);
+
+static __always_inline u64 submit_flags(u64 now) {
+    int k = 0;
+    struct wakeup_state *w = wakeup.lookup(&k);
+    if (!w)
+        return 0;
+    if (now - w->last_ns >= WAKEUP_INTERVAL_NS || ++w->records >= WAKEUP_RECORDS) {
+        w->last_ns = now;
+        w->records = 0;
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    return BPF_RB_NO_WAKEUP;
 }
 
 static __always_inline u32 read_netns(const void *sk) {
@@ -129,89 +172,123 @@ static __always_inline u32 read_netns(const void *sk) {
     return inum;
 }
 
-static __always_inline u8 read_fin_flag(const void *sk) {
-    unsigned long skf = 0;
-    bpf_probe_read_kernel(&skf, sizeof(skf), (const char *)sk + OFF_SK_FLAGS);
-    return (skf >> SOCK_DONE_BIT) & 1 ? EVF_FIN_RECEIVED : 0;
+static __always_inline u16 read_protocol(const void *sk) {
+    u16 proto = 0;
+    bpf_probe_read_kernel(&proto, sizeof(proto), (const char *)sk + OFF_SK_PROTOCOL);
+    return proto;
 }
 
-// Reads the tuple from struct sock_common through BTF offsets.
-static __always_inline void read_tuple(struct event *e, const void *sk) {
-    u16 family = 0, sport = 0, dport = 0;
+static __always_inline u16 read_family(const void *sk) {
+    u16 family = 0;
     bpf_probe_read_kernel(&family, sizeof(family), (const char *)sk + OFF_SKC_FAMILY);
-    bpf_probe_read_kernel(&dport, sizeof(dport), (const char *)sk + OFF_SKC_DPORT);
+    return family;
+}
+
+static __always_inline u16 read_sport_be(const void *sk) {
     // inet_sport, not skc_num: tcp_set_state(TCP_CLOSE) releases the port and
     // zeroes skc_num before the CLOSE tracepoint fires; inet_sport stays.
+    u16 sport = 0;
     bpf_probe_read_kernel(&sport, sizeof(sport), (const char *)sk + OFF_INET_SPORT);
-    e->sport = bpf_ntohs(sport);
-    e->dport = bpf_ntohs(dport);
+    return sport;
+}
+
+#define HEAD_FIELD(head, off, type) (*(type *)((head) + (off)))
+
+// The addresses, ports, family and flags all sit in the first SK_HEAD_SIZE bytes
+// of struct sock (sock_common): one probe read instead of eight.
+struct sk_head {
+    u8 b[SK_HEAD_SIZE];
+};
+
+struct tuple {
+    u8 saddr[16];
+    u8 daddr[16];
+    u16 sport;
+    u16 dport;
+    u8 family;
+    u8 fin;
+};
+
+static __always_inline void read_tuple(struct tuple *t, const void *sk) {
+    struct sk_head h;
+    bpf_probe_read_kernel(&h, sizeof(h), sk);
+    u16 family = HEAD_FIELD(h.b, OFF_SKC_FAMILY, u16);
+    t->dport = bpf_ntohs(HEAD_FIELD(h.b, OFF_SKC_DPORT, u16));
+    t->sport = bpf_ntohs(read_sport_be(sk));
+    t->fin = (HEAD_FIELD(h.b, OFF_SK_FLAGS, unsigned long) >> SOCK_DONE_BIT) & 1;
     if (family == AF_INET6) {
-        e->family = 6;
-        bpf_probe_read_kernel(e->saddr, 16, (const char *)sk + OFF_SKC_V6_RCV_SADDR);
-        bpf_probe_read_kernel(e->daddr, 16, (const char *)sk + OFF_SKC_V6_DADDR);
+        t->family = 6;
+        __builtin_memcpy(t->saddr, h.b + OFF_SKC_V6_RCV_SADDR, 16);
+        __builtin_memcpy(t->daddr, h.b + OFF_SKC_V6_DADDR, 16);
     } else {
-        e->family = 4;
-        bpf_probe_read_kernel(e->saddr, 4, (const char *)sk + OFF_SKC_RCV_SADDR);
-        bpf_probe_read_kernel(e->daddr, 4, (const char *)sk + OFF_SKC_DADDR);
+        t->family = 4;
+        __builtin_memset(t->saddr, 0, 16);
+        __builtin_memset(t->daddr, 0, 16);
+        __builtin_memcpy(t->saddr, h.b + OFF_SKC_RCV_SADDR, 4);
+        __builtin_memcpy(t->daddr, h.b + OFF_SKC_DADDR, 4);
     }
 }
 
-static __always_inline int passes_filters(const struct event *e) {
+static __always_inline int passes_filters(const struct tuple *t, u32 pid) {
 #if FILTER_FAMILY
-    if (e->family != FILTER_FAMILY)
+    if (t->family != FILTER_FAMILY)
         return 0;
 #endif
 #if FILTER_PORT
-    if (e->sport != FILTER_PORT && e->dport != FILTER_PORT)
+    if (t->sport != FILTER_PORT && t->dport != FILTER_PORT)
         return 0;
 #endif
 #if FILTER_PID
-    if (e->pid != FILTER_PID)
+    if (pid != FILTER_PID)
         return 0;
 #endif
     return 1;
 }
 
-static __always_inline void submit(struct event *e) {
-    if (!passes_filters(e))
+// Writes one record for a tracked socket straight into the ring. If the socket's
+// syn event is still pending, the record carries EVF_SYN: the kernel sets the
+// local port and address only after the SYN_SENT / SYN_RECV transition, so this
+// is the first record with the real tuple, and start_ns is the syn's time.
+static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, u8 oldstate, u64 now) {
+    struct tuple t;
+    read_tuple(&t, sk);
+    if (!passes_filters(&t, si->pid))
         return;
-    if (events.ringbuf_output(e, sizeof(*e), 0) != 0)
+    u64 sent = 0, received = 0, retrans = 0;
+    bpf_probe_read_kernel(&sent, sizeof(sent), (const char *)sk + OFF_BYTES_SENT);
+    bpf_probe_read_kernel(&received, sizeof(received), (const char *)sk + OFF_BYTES_RECEIVED);
+    bpf_probe_read_kernel(&retrans, sizeof(retrans), (const char *)sk + OFF_BYTES_RETRANS);
+
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
         count_lost();
-}
-
-// Builds and submits one event for a tracked socket. If the socket's syn event
-// is still pending, it goes first, with this event's tuple (the kernel sets the
-// local port and address only after the SYN_SENT / SYN_RECV transition).
-static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, u8 oldstate,
-                                 u64 now) {
-    struct event e = {};
-    read_tuple(&e, sk);
-    e.conn_id = si->conn_id;
-    e.start_ns = si->start_ns;
-    e.pid = si->pid;
-    e.role = si->role;
-    e.netns = read_netns(sk);
-    __builtin_memcpy(e.comm, si->comm, sizeof(e.comm));
-
-    if (si->syn_pending) {
-        si->syn_pending = 0;
-        e.ts_ns = si->start_ns;
-        e.type = si->role == ROLE_CLIENT ? EV_SYN_SENT : EV_SYN_RECV;
-        e.state = si->role == ROLE_CLIENT ? ST_SYN_SENT : ST_SYN_RECV;
-        e.flags = si->flags;
-        submit(&e);
+        return;
     }
-
-    e.ts_ns = now;
-    e.type = type;
-    e.state = si->state;
-    e.oldstate = oldstate;
-    bpf_probe_read_kernel(&e.bytes_sent, sizeof(e.bytes_sent), (const char *)sk + OFF_BYTES_SENT);
-    bpf_probe_read_kernel(&e.bytes_received, sizeof(e.bytes_received),
-                          (const char *)sk + OFF_BYTES_RECEIVED);
-    bpf_probe_read_kernel(&e.bytes_retrans, sizeof(e.bytes_retrans), (const char *)sk + OFF_BYTES_RETRANS);
-    e.flags = si->flags | read_fin_flag(sk);
-    submit(&e);
+    e->ts_ns = now;
+    e->start_ns = si->start_ns;
+    e->conn_id = si->conn_id;
+    // bytes_sent counts retransmitted bytes again; bytes_received advances with
+    // rcv_nxt, which a received FIN moves by one (KERNEL.md). Payload is neither.
+    e->bytes_sent = sent - (retrans < sent ? retrans : sent);
+    e->bytes_received = received - (t.fin && received ? 1 : 0);
+    e->bytes_retrans = retrans;
+    e->pid = si->pid;
+    e->netns = si->netns;
+    __builtin_memcpy(e->saddr, t.saddr, 16);
+    __builtin_memcpy(e->daddr, t.daddr, 16);
+    e->sport = t.sport;
+    e->dport = t.dport;
+    e->family = t.family;
+    e->type = type;
+    e->role = si->role;
+    e->state = si->state;
+    e->oldstate = oldstate;
+    e->flags = si->flags | (t.fin ? EVF_FIN_RECEIVED : 0) | (si->syn_pending ? EVF_SYN : 0);
+    e->_pad[0] = 0;
+    e->_pad[1] = 0;
+    __builtin_memcpy(e->comm, si->comm, sizeof(e->comm));
+    si->syn_pending = 0;
+    events.ringbuf_submit(e, submit_flags(now));
 }
 
 // Records the current process as the owner, but only from process context: the
@@ -221,19 +298,22 @@ static __always_inline void claim_owner(struct sock_info *si) {
     bpf_get_current_comm(si->comm, sizeof(si->comm));
 }
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state) {
-    if (args->protocol != IPPROTO_TCP)
-        return 0;
-    u64 key = (u64)args->skaddr;
-    int newstate = args->newstate;
-    int oldstate = args->oldstate;
-    u64 now = bpf_ktime_get_ns();
+// raw_tp inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)
+int ct_state(struct bpf_raw_tracepoint_args *ctx) {
+    const void *sk = (const void *)ctx->args[0];
+    int oldstate = (int)ctx->args[1];
+    int newstate = (int)ctx->args[2];
+    u64 key = (u64)sk;
 
     if (newstate == ST_SYN_SENT || newstate == ST_SYN_RECV) {
+        // Only these transitions create state; SCTP shares this tracepoint.
+        if (read_protocol(sk) != IPPROTO_TCP)
+            return 0;
         struct sock_info si = {};
         si.conn_id = next_conn_id();
-        si.start_ns = now;
+        si.start_ns = bpf_ktime_get_ns();
         si.state = newstate;
+        si.netns = read_netns(sk);
         si.syn_pending = 1;
         if (newstate == ST_SYN_SENT) {
             si.role = ROLE_CLIENT;
@@ -241,13 +321,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             claim_owner(&si);
             si.flags = EVF_PID_FROM_CONNECT;
         } else {
-            // The passive child is created in softirq: whoever runs now is not
-            // the owner. The listener's owner stands in until the first
-            // send/recv in process context claims it.
+            // The passive child is created in softirq (oldstate is the listener's
+            // LISTEN, copied by the clone): whoever runs now is not the owner. The
+            // listener's owner stands in until the first send/recv in process
+            // context claims it. inet_sport is the listener's, copied too.
             si.role = ROLE_SERVER;
-            struct listener_key lk = {.netns = read_netns(args->skaddr), .port = args->sport,
-                                      .family = args->family};
-            struct owner *o = listeners.lookup(&lk);
+            struct owner *o = listeners.lookup(&(struct listener_key){
+                .netns = si.netns, .port = bpf_ntohs(read_sport_be(sk)), .family = read_family(sk)});
             if (o) {
                 si.pid = o->pid;
                 __builtin_memcpy(si.comm, o->comm, sizeof(si.comm));
@@ -259,9 +339,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     }
 
     if (newstate == ST_LISTEN || oldstate == ST_LISTEN) {
+        if (read_protocol(sk) != IPPROTO_TCP)
+            return 0;
         // listen() runs in the owner's process context; the port is set by bind().
-        struct listener_key lk = {.netns = read_netns(args->skaddr), .port = args->sport,
-                                  .family = args->family};
+        struct listener_key lk = {.netns = read_netns(sk), .port = bpf_ntohs(read_sport_be(sk)),
+                                  .family = read_family(sk)};
         if (newstate == ST_LISTEN) {
             struct owner o = {.pid = bpf_get_current_pid_tgid() >> 32};
             bpf_get_current_comm(o.comm, sizeof(o.comm));
@@ -274,17 +356,17 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
 
     struct sock_info *si = sockets.lookup(&key);
     if (!si)
-        return 0;   // sockets that opened before we attached
+        return 0;   // sockets that opened before we attached, and non-TCP ones
     si->state = newstate;
 
     if (newstate == ST_CLOSE) {
-        emit(args->skaddr, si, EV_CLOSE, oldstate, now);
+        emit(sk, si, EV_CLOSE, oldstate, bpf_ktime_get_ns());
         sockets.delete(&key);
     } else if (newstate == ST_ESTABLISHED) {
-        emit(args->skaddr, si, EV_ESTABLISHED, oldstate, now);
+        emit(sk, si, EV_ESTABLISHED, oldstate, bpf_ktime_get_ns());
     } else {
 #ifdef STATE_EVENTS
-        emit(args->skaddr, si, EV_STATE_CHANGE, oldstate, now);
+        emit(sk, si, EV_STATE_CHANGE, oldstate, bpf_ktime_get_ns());
 #endif
     }
     return 0;
@@ -303,8 +385,10 @@ static __always_inline void on_data_queued(const void *sk) {
     // sk_data_ready also fires for a bare FIN (to wake a reader for EOF): that is
     // no new data, and CLOSE reports the final counters anyway.
     u64 rx = 0;
+    unsigned long skf = 0;
     bpf_probe_read_kernel(&rx, sizeof(rx), (const char *)sk + OFF_BYTES_RECEIVED);
-    u64 payload = rx - (read_fin_flag(sk) && rx ? 1 : 0);
+    bpf_probe_read_kernel(&skf, sizeof(skf), (const char *)sk + OFF_SK_FLAGS);
+    u64 payload = rx - (((skf >> SOCK_DONE_BIT) & 1) && rx ? 1 : 0);
     if (payload == si->last_dq_payload)
         return;
     si->last_dq_payload = payload;
@@ -314,23 +398,22 @@ static __always_inline void on_data_queued(const void *sk) {
 
 #ifdef DATA_QUEUE_KPROBE
 // The original design: tcp_data_queue(struct sock *sk, struct sk_buff *skb).
-int kprobe__tcp_data_queue(struct pt_regs *ctx) {
+int ct_dq_kprobe(struct pt_regs *ctx) {
     on_data_queued((const void *)PT_REGS_PARM1(ctx));
     return 0;
 }
 #else
-// Without kprobes: sk_data_ready fires when TCP queues data for the reader.
-TRACEPOINT_PROBE(sock, sk_data_ready) {
-    if (args->protocol != IPPROTO_TCP)
-        return 0;
-    on_data_queued(args->skaddr);
+// raw_tp sk_data_ready(const struct sock *sk): fires when TCP queues data for the
+// reader. Untracked sockets (UDP, listeners, ...) miss the lookup and return.
+int ct_data_ready(struct bpf_raw_tracepoint_args *ctx) {
+    on_data_queued((const void *)ctx->args[0]);
     return 0;
 }
 #endif
 
-static __always_inline void on_syscall_io(const void *sk, u16 protocol) {
-    if (protocol != IPPROTO_TCP)
-        return;
+// raw_tp sock_send_length / sock_recv_length(struct sock *sk, int ret, int flags):
+// both fire from sock_sendmsg / sock_recvmsg, i.e. in the syscall's process.
+static __always_inline void on_syscall_io(const void *sk) {
     u64 key = (u64)sk;
     struct sock_info *si = sockets.lookup(&key);
     if (si && (si->pid == 0 || (si->flags & EVF_PID_FROM_LISTENER))) {
@@ -339,13 +422,12 @@ static __always_inline void on_syscall_io(const void *sk, u16 protocol) {
     }
 }
 
-// Both fire from sock_sendmsg / sock_recvmsg, i.e. in the syscall's process.
-TRACEPOINT_PROBE(sock, sock_send_length) {
-    on_syscall_io(args->sk, args->protocol);
+int ct_send(struct bpf_raw_tracepoint_args *ctx) {
+    on_syscall_io((const void *)ctx->args[0]);
     return 0;
 }
 
-TRACEPOINT_PROBE(sock, sock_recv_length) {
-    on_syscall_io(args->sk, args->protocol);
+int ct_recv(struct bpf_raw_tracepoint_args *ctx) {
+    on_syscall_io((const void *)ctx->args[0]);
     return 0;
 }

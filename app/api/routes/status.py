@@ -19,12 +19,10 @@ async def stats(core: CoreDep) -> Stats:
     """Counters since start, losses per place they happen."""
     hub, table = core.hub, core.table
     return Stats(
-        events=dict(hub.counts),
+        events=hub.counts,
         lost_kernel=core.lost_kernel(),
         dropped_subscribers=hub.dropped_subscribers,
         decode_errors=core.pipeline.decode_errors,
-        backlog_dropped=core.pipeline.backlog_dropped,
-        backlog_records=core.pipeline.backlog,
         connections_open=table.open_count,
         connections_closed_kept=table.closed_count,
         connections_preexisting=table.preexisting_count,
