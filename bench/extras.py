@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from configs import _expected_closes
-from harness import RESULTS, ROOT, Churn, Proc, Profile, Skip, cpu_s, free_port, listening, memory_kb, wait_for
+from harness import ROOT, RUNS, Churn, Proc, Profile, Skip, cpu_s, free_port, listening, memory_kb, wait_for
 from session import TracerSession
 
 # ---------------------------------------------------------------- other phases
@@ -87,7 +87,8 @@ def run_profile(churn: Churn, prof: Profile, seconds: float) -> dict[str, Any]:
         raise Skip("py-spy not installed: .venv/bin/pip install py-spy")
     port = free_port()
     sess = TracerSession([port], "profile-conn-tracer")
-    raw = RESULTS / "profile-collapsed.txt"
+    RUNS.mkdir(parents=True, exist_ok=True)
+    raw = RUNS / "profile-collapsed.txt"
     res: dict[str, Any] = {}
     try:
         sess.start()

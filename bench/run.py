@@ -6,13 +6,16 @@ values are medians over rounds; ratios are taken within a round first (configura
 "none" run of the same round) and then the median of those is reported.
 
 Usage (root): .venv/bin/python bench/run.py [--quick] [--profile] [--rounds N] ...
-Results: a table on stdout, JSON in bench/results/<timestamp>.json and bench/results/latest.json.
+Results: a table on stdout; the run's JSON and table in bench/runs/ (ignored by git: <timestamp>.json/.txt
+and latest.json/.txt). The reference the README quotes, bench/results/reference.json/.txt, changes
+only with --save-reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import platform
@@ -33,6 +36,7 @@ from harness import (
     QUICK,
     RESULTS,
     ROOT,
+    RUNS,
     VENV_PY,
     Churn,
     Profile,
@@ -77,10 +81,14 @@ def main() -> int:
     ap.add_argument("--skip-iperf", action="store_true")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--rss-count", type=int)
+    ap.add_argument("--save-reference", action="store_true",
+                    help="also write bench/results/reference.json/.txt, the run the README quotes (not with --quick)")
     ap.add_argument("--profile", type=float, metavar="SECONDS",
                     help="py-spy on serve during a churn of this many seconds (default: 10 full, 0 quick)")
     args = ap.parse_args()
 
+    if args.save_reference and args.quick:
+        ap.error("--save-reference wants a full run, not --quick")
     prof = QUICK if args.quick else FULL
     if args.rounds:
         prof.rounds = args.rounds
@@ -156,16 +164,12 @@ def main() -> int:
 
     s = summarise(rounds, iperf, rss, prof)
     tg = targets(s, prof)
-    print_table(s, tg, skipped)
-    if profile and "self_pct" in profile:
-        print(f"\n== py-spy: serve's MainThread during max-rate churn ({profile['samples']} samples at 100 Hz) ==")
-        print("  self time by component: " + ", ".join(f"{k} {v}%" for k, v in profile["self_by_component_pct"][:10]))
-        print("  top self time:")
-        for name, pct in profile["self_pct"][:10]:
-            print(f"    {pct:5.1f}%  {name[:100]}")
-        print("  top inclusive time:")
-        for name, pct in profile["inclusive_pct"][:18]:
-            print(f"    {pct:5.1f}%  {name[:100]}")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_table(s, tg, skipped)
+        print_profile(profile)
+    table = out.getvalue()
+    print(table, end="")
     result = {
         "meta": {"ws_query": TracerSession.ws_query,
                  "timestamp": stamp, "kernel": platform.release(), "cpus": os.cpu_count(), "quick": args.quick,
@@ -178,12 +182,30 @@ def main() -> int:
         "skipped": skipped, "summary": s, "targets": tg, "rounds": rounds, "iperf": iperf, "rss": rss,
         "profile": profile,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=1, default=str)
-    (RESULTS / f"{stamp}.json").write_text(text)
-    (RESULTS / "latest.json").write_text(text)
-    print(f"\nwrote bench/results/{stamp}.json ({time.time() - started:.0f} s)")
+    RUNS.mkdir(parents=True, exist_ok=True)
+    for name in (stamp, "latest"):
+        (RUNS / f"{name}.json").write_text(text)
+        (RUNS / f"{name}.txt").write_text(table)
+    print(f"\nwrote bench/runs/{stamp}.json and .txt ({time.time() - started:.0f} s)")
+    if args.save_reference:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "reference.json").write_text(text)
+        (RESULTS / "reference.txt").write_text(table)
+        print("wrote bench/results/reference.json and .txt (commit them with the README that quotes them)")
     return 0
+
+
+def print_profile(profile: dict[str, Any] | None) -> None:
+    if profile and "self_pct" in profile:
+        print(f"\n== py-spy: serve's MainThread during max-rate churn ({profile['samples']} samples at 100 Hz) ==")
+        print("  self time by component: " + ", ".join(f"{k} {v}%" for k, v in profile["self_by_component_pct"][:10]))
+        print("  top self time:")
+        for name, pct in profile["self_pct"][:10]:
+            print(f"    {pct:5.1f}%  {name[:100]}")
+        print("  top inclusive time:")
+        for name, pct in profile["inclusive_pct"][:18]:
+            print(f"    {pct:5.1f}%  {name[:100]}")
 
 
 if __name__ == "__main__":
