@@ -10,11 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from configs import _expected_closes
-from harness import ROOT, RUNS, Churn, Proc, Profile, Skip, cpu_s, free_port, listening, memory_kb, wait_for
+from configs import TRACER_QUERIES, Context
+from harness import ROOT, Proc, Profile, Skip, cpu_s, expected_closes, free_port, listening, memory_kb, wait_for
 from session import TracerSession
-
-# ---------------------------------------------------------------- other phases
 
 
 def iperf_once(seconds: int) -> float:
@@ -32,17 +30,18 @@ def iperf_once(seconds: int) -> float:
         srv.stop(signal.SIGTERM, 5)
 
 
-def run_iperf(prof: Profile, tracer_ok: bool) -> list[dict[str, Any]]:
+def run_iperf(prof: Profile, tracer: str | None) -> list[dict[str, Any]]:
+    """iperf3 with nothing attached and with `tracer` (a conn-tracer config), alternated."""
     rows: list[dict[str, Any]] = []
     for rnd in range(prof.iperf_rounds):
-        order = ["none", "conn-tracer"] if rnd % 2 == 0 else ["conn-tracer", "none"]
+        order = ["none", tracer] if rnd % 2 == 0 else [tracer, "none"]
         for cfg in order:
             if cfg == "none":
                 rows.append({"round": rnd, "config": cfg, "bps": iperf_once(prof.iperf_s)})
                 continue
-            if not tracer_ok:
+            if cfg is None:
                 continue
-            sess = TracerSession([], f"iperf{rnd}-conn-tracer")
+            sess = TracerSession([], f"iperf{rnd}-{cfg}", TRACER_QUERIES[cfg])
             try:
                 sess.start()
                 rows.append({"round": rnd, "config": cfg, "bps": iperf_once(prof.iperf_s)})
@@ -53,18 +52,20 @@ def run_iperf(prof: Profile, tracer_ok: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def run_rss(churn: Churn, prof: Profile) -> dict[str, Any]:
+def run_rss(ctx: Context, tracer: str) -> dict[str, Any]:
+    """serve + subscriber while churn makes prof.rss_count connections; RSS before and after."""
+    prof = ctx.prof
     port = free_port()
-    sess = TracerSession([port], "rss-conn-tracer")
-    res: dict[str, Any] = {"target_connections": prof.rss_count, "time_limit_s": prof.rss_time_s}
+    sess = TracerSession([port], f"rss-{tracer}", TRACER_QUERIES[tracer])
+    res: dict[str, Any] = {"config": tracer, "target_connections": prof.rss_count, "time_limit_s": prof.rss_time_s}
     try:
         sess.start()
         assert sess.serve is not None
         pid = sess.serve.pid
         res["rss_kb_before"] = memory_kb(pid)
         c0 = cpu_s(pid)
-        ch = churn.run(port, prof.rss_time_s, count=prof.rss_count)
-        res["drain_s"] = sess.drain(port, _expected_closes(ch), timeout_s=60)
+        ch = ctx.churn.run(port, prof.rss_time_s, count=prof.rss_count)
+        res["drain_s"] = sess.drain(port, expected_closes(ch), timeout_s=60)
         res.update(churn=ch, cpu_s=cpu_s(pid) - c0, rss_kb_after=memory_kb(pid), stats=sess.stats())
         time.sleep(2)  # does memory come back down once idle?
         res["rss_kb_after_idle_2s"] = memory_kb(pid)
@@ -74,22 +75,21 @@ def run_rss(churn: Churn, prof: Profile) -> dict[str, Any]:
     st = sub.get("ports", {}).get(str(port), {})
     if "churn" in res:
         got = st.get("close_client", 0) + st.get("close_server", 0)
-        res["completeness"] = got / max(1, _expected_closes(res["churn"]))
+        res["completeness"] = got / max(1, expected_closes(res["churn"]))
     res.pop("subscriber", None)
     res["subscriber_port"] = st
     return res
 
 
-def run_profile(churn: Churn, prof: Profile, seconds: float) -> dict[str, Any]:
-    """py-spy on serve during a max-rate churn: where the tracer's time goes."""
+def run_profile(ctx: Context, tracer: str, seconds: float, raw: Path) -> dict[str, Any]:
+    """py-spy on serve during a max-rate churn: where the tracer's time goes; stacks to `raw`."""
     pyspy = ROOT / ".venv" / "bin" / "py-spy"
     if not pyspy.exists():
         raise Skip("py-spy not installed: .venv/bin/pip install py-spy")
     port = free_port()
-    sess = TracerSession([port], "profile-conn-tracer")
-    RUNS.mkdir(parents=True, exist_ok=True)
-    raw = RUNS / "profile-collapsed.txt"
-    res: dict[str, Any] = {}
+    sess = TracerSession([port], f"profile-{tracer}", TRACER_QUERIES[tracer])
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"config": tracer}
     try:
         sess.start()
         assert sess.serve is not None
@@ -99,7 +99,7 @@ def run_profile(churn: Churn, prof: Profile, seconds: float) -> dict[str, Any]:
                               "--threads"])
         try:
             time.sleep(1)
-            res["churn"] = churn.run(port, seconds)
+            res["churn"] = ctx.churn.run(port, seconds)
             spy.popen.wait(seconds + 30)
         finally:
             spy.stop(signal.SIGINT, 10)

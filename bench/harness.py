@@ -31,8 +31,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # LISTEN->SYN_RECV->ESTABLISHED->CLOSE_WAIT->LAST_ACK->CLOSE on the server).
 STATE_CHANGES_PER_CONN = 10
 
-CONFIGS = ("none", "conn-tracer", "tcplife", "tcpstates", "bare")
-
 
 @dataclass
 class Profile:
@@ -72,7 +70,7 @@ class Proc:
                  stdout_file: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.name = name
         LOGS.mkdir(parents=True, exist_ok=True)
-        self.log = log or LOGS / f"{name}.log"
+        self.log = log or LOGS / f"{name.replace('/', '-')}.log"
         self._err = open(self.log, "w")  # noqa: SIM115 - closed in stop()
         self._out_file = open(stdout_file, "w") if stdout_file else None  # noqa: SIM115
         out: Any = subprocess.PIPE if stdout_pipe else (self._out_file or self._err)
@@ -243,6 +241,12 @@ class Churn:
         # churn caps itself at duration_s (+2 s server drain); the timeout is a second bound.
         out = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 30, check=True)
         return dict(json.loads(out.stdout))
+
+
+def expected_closes(ch: dict[str, Any]) -> int:
+    """Sockets a churn run closed: two per connection, the client's (counted by churn as
+    completed) and the one the server accepted (churn's server_closed); failed connects excluded."""
+    return int(ch["connections"]) + int(ch["server_closed"])
 
 
 def probe_connection(port: int) -> int:

@@ -1,56 +1,42 @@
-"""conn-tracer benchmark suite: overhead, completeness, CPU, pipeline cost, latency, start-up, memory.
+"""conn-tracer benchmark suite: overhead, completeness, CPU, BPF time, latency, start-up, memory.
 
 Every figure is measured side by side in one run: each round runs every configuration once, in an
 order rotated per round, so slow drift of a noisy machine spreads over all of them. Reported
-values are medians over rounds; ratios are taken within a round first (configuration vs. the
-"none" run of the same round) and then the median of those is reported.
+values are medians over rounds (report.py); configurations are in configs.py, the table in table.py.
 
-Usage (root): .venv/bin/python bench/run.py [--quick] [--profile] [--rounds N] ...
-Results: a table on stdout; the run's JSON and table in bench/runs/ (ignored by git: <timestamp>.json/.txt
-and latest.json/.txt). The reference the README quotes, bench/results/reference.json/.txt, changes
-only with --save-reference.
+Usage (root): .venv/bin/python bench/run.py [--quick] [--rounds N] [--configs a,b] ...
+Results: the table on stdout; the run's JSON and table in bench/runs/ (ignored by git:
+<timestamp>.json/.txt and latest.json/.txt). The reference the README quotes,
+bench/results/reference.json/.txt, changes only with --save-reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from configs import run_bare, run_conn_tracer, run_none, run_peer
+import kernel
+from configs import CONFIGS, TRACER_QUERIES, Context
 from extras import run_iperf, run_profile, run_rss
-from harness import (
-    CONFIGS,
-    CONN_TRACER,
-    FULL,
-    QUICK,
-    RESULTS,
-    ROOT,
-    RUNS,
-    VENV_PY,
-    Churn,
-    Profile,
-    Skip,
-    build_churn,
-    stop_all,
-)
-from report import print_table, summarise, targets
-from session import TracerSession
+from harness import CONN_TRACER, FULL, QUICK, RESULTS, ROOT, RUNS, VENV_PY, Churn, Skip, build_churn, stop_all
+from report import summarise, targets
+from table import render
 
-# ---------------------------------------------------------------- main
+CLOSES_COUNTED = ("close events for the churn port: role=client with dst_port=P plus role=server with src_port=P; "
+                  "expected = client connections completed + server sockets closed (2 per connection)")
 
 
-def preflight() -> dict[str, str]:
+def preflight(configs: list[str], bpf_stats: bool) -> dict[str, str]:
     """Why a configuration cannot run, by name; checked once so rounds do not retry hopeless ones."""
     skip: dict[str, str] = {}
     if os.geteuid() != 0:
@@ -58,37 +44,99 @@ def preflight() -> dict[str, str]:
     try:
         out = subprocess.run([str(CONN_TRACER), "--help"], capture_output=True, text=True, timeout=30)
         if "serve" not in out.stdout:
-            skip["conn-tracer"] = "`conn-tracer --help` lists no serve command"
+            skip.update(dict.fromkeys(TRACER_QUERIES, "`conn-tracer --help` lists no serve command"))
     except (OSError, subprocess.TimeoutExpired) as exc:
-        skip["conn-tracer"] = f"conn-tracer not runnable: {exc}"
+        skip.update(dict.fromkeys(TRACER_QUERIES, f"conn-tracer not runnable: {exc}"))
     for tool in ("tcplife", "tcpstates"):
         if not Path(f"/usr/sbin/{tool}-bpfcc").exists():
             skip[tool] = f"/usr/sbin/{tool}-bpfcc missing: apt-get install -y bpfcc-tools"
-    if subprocess.run([str(VENV_PY), "-c", "import bcc"], capture_output=True).returncode != 0:
-        skip["bare"] = "`import bcc` fails in the venv (needs --system-site-packages and python3-bpfcc)"
-    return skip
+    for cfg, module in (("bare", "bcc"), ("floor", "app.bpf.loader")):
+        if subprocess.run([str(VENV_PY), "-c", f"import {module}"], capture_output=True).returncode != 0:
+            skip[cfg] = f"`import {module}` fails in the venv (needs --system-site-packages and python3-bpfcc)"
+    why = kernel.stats_available() if bpf_stats else None
+    if why:
+        print(f"in-kernel BPF time not measured: {why}", flush=True)
+    return {k: v for k, v in skip.items() if k in configs}
+
+
+def run_rounds(ctx: Context, configs: list[str], skipped: dict[str, str]) -> list[dict[str, Any]]:
+    rounds: list[dict[str, Any]] = []
+    for rnd in range(ctx.prof.rounds):
+        k = rnd % len(configs)
+        for cfg in configs[k:] + configs[:k]:  # rotate the order each round
+            if cfg in skipped:
+                continue
+            t = time.monotonic()
+            try:
+                r = CONFIGS[cfg](ctx, rnd, cfg)
+            except Skip as exc:
+                # A configuration that cannot start will not start next round either.
+                skipped[cfg] = str(exc)
+                print(f"round {rnd} {cfg}: skipped: {exc}", flush=True)
+                continue
+            except (subprocess.SubprocessError, RuntimeError, OSError, ValueError, KeyError) as exc:
+                rounds.append({"round": rnd, "config": cfg, "error": repr(exc)})
+                print(f"round {rnd} {cfg}: error: {exc!r}", flush=True)
+                continue
+            r.update(round=rnd, config=cfg, wall_s=round(time.monotonic() - t, 1))
+            rounds.append(r)
+            print(f"round {rnd} {cfg:<18} {r['churn']['rate']:>9.0f} conn/s  {r['wall_s']:>5.1f} s", flush=True)
+    return rounds
+
+
+def write(result: dict[str, Any], table: str, stamp: str, reference: bool) -> None:
+    text = json.dumps(result, indent=1, default=str)
+    if stamp:
+        RUNS.mkdir(parents=True, exist_ok=True)
+        for name in (stamp, "latest"):
+            (RUNS / f"{name}.json").write_text(text)
+            (RUNS / f"{name}.txt").write_text(table)
+        print(f"\nwrote bench/runs/{stamp}.json and .txt")
+    if reference:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "reference.json").write_text(text)
+        (RESULTS / "reference.txt").write_text(table)
+        print("wrote bench/results/reference.json and .txt: commit them with the README text that quotes them")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 short rounds, no 1M-connection memory test, no profile")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--churn-seconds", type=float, help="length of each max-rate churn")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="subset of " + ",".join(CONFIGS))
+    ap.add_argument("--no-bpf-stats", dest="bpf_stats", action="store_false",
+                    help="do not switch kernel.bpf_stats_enabled on during the max-rate churns (no BPF figures)")
+    ap.add_argument("--skip-iperf", action="store_true")
+    ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--rss-count", type=int, help="connections for the memory test (default 1,000,000; quick: 0)")
+    ap.add_argument("--profile", type=float, metavar="SECONDS",
+                    help="py-spy on serve during a churn of this many seconds (default: 10 full, 0 quick)")
+    ap.add_argument("--save-reference", action="store_true",
+                    help="also write bench/results/reference.json/.txt, the run the README quotes (a full run)")
+    ap.add_argument("--report", type=Path, metavar="RUN.json",
+                    help="measure nothing: print the table of a saved run (with --save-reference: make it the "
+                         "reference)")
+    args = ap.parse_args()
+    if args.save_reference and args.quick:
+        ap.error("--save-reference wants a full run, not --quick")
+    bad = {c for c in args.configs.split(",") if c} - set(CONFIGS)
+    if bad:
+        ap.error(f"unknown configs: {sorted(bad)}; choose from {','.join(CONFIGS)}")
+    return args
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 short rounds, no 1M-connection memory test (< 3 min)")
-    ap.add_argument("--rounds", type=int)
-    ap.add_argument("--churn-seconds", type=float)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="subset of " + ",".join(CONFIGS))
-    ap.add_argument("--ws-query", default="batch=256",
-                    help="query string for the subscriber (default 'batch=256': unfiltered, up to 256 events per "
-                         "message, as a high-volume consumer would; '' for one event per message)")
-    ap.add_argument("--skip-iperf", action="store_true")
-    ap.add_argument("--skip-rss", action="store_true")
-    ap.add_argument("--rss-count", type=int)
-    ap.add_argument("--save-reference", action="store_true",
-                    help="also write bench/results/reference.json/.txt, the run the README quotes (not with --quick)")
-    ap.add_argument("--profile", type=float, metavar="SECONDS",
-                    help="py-spy on serve during a churn of this many seconds (default: 10 full, 0 quick)")
-    args = ap.parse_args()
+    args = parse_args()
+    if args.report:
+        result = json.loads(args.report.read_text())
+        if args.save_reference and result["meta"].get("quick"):
+            raise SystemExit(f"{args.report} is a --quick run: not a reference")
+        table = render(result)
+        print(table, end="")
+        write(result, table, "", args.save_reference)
+        return 0
 
-    if args.save_reference and args.quick:
-        ap.error("--save-reference wants a full run, not --quick")
     prof = QUICK if args.quick else FULL
     if args.rounds:
         prof.rounds = args.rounds
@@ -100,115 +148,65 @@ def main() -> int:
         prof.rss_count = 0
     if args.profile is None:
         args.profile = 0 if args.quick else 10
-    TracerSession.ws_query = args.ws_query
-    configs = [c for c in args.configs.split(",") if c]
-    bad = set(configs) - set(CONFIGS)
-    if bad:
-        ap.error(f"unknown configs: {sorted(bad)}")
+    configs = [c for c in CONFIGS if c in args.configs.split(",")]  # table order
 
     started = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
-    skipped = preflight()
+    skipped = preflight(configs, args.bpf_stats)
     for cfg, why in skipped.items():
         print(f"skip {cfg}: {why}", flush=True)
-    churn = Churn(build_churn(), prof)
-    runners: dict[str, Callable[[Churn, Profile, int], dict[str, Any]]] = {
-        "none": run_none, "conn-tracer": run_conn_tracer, "bare": run_bare,
-        "tcplife": lambda ch, p, r: run_peer("tcplife", ch, p, r),
-        "tcpstates": lambda ch, p, r: run_peer("tcpstates", ch, p, r),
-    }
-    rounds: list[dict[str, Any]] = []
+    ctx = Context(Churn(build_churn(), prof), prof, args.bpf_stats)
     iperf: list[dict[str, Any]] = []
     rss: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None
-    if "conn-tracer" not in configs:
-        skipped.setdefault("conn-tracer", "not selected (--configs)")
     try:
-        for rnd in range(prof.rounds):
-            k = rnd % len(configs)
-            for cfg in configs[k:] + configs[:k]:  # rotate the order each round
-                if cfg in skipped:
-                    continue
-                t = time.monotonic()
-                try:
-                    r = runners[cfg](churn, prof, rnd)
-                except Skip as exc:
-                    # A configuration that cannot start will not start next round either.
-                    skipped[cfg] = str(exc)
-                    print(f"round {rnd} {cfg}: skipped: {exc}", flush=True)
-                    continue
-                except (subprocess.SubprocessError, RuntimeError, OSError, ValueError, KeyError) as exc:
-                    rounds.append({"round": rnd, "config": cfg, "error": repr(exc)})
-                    print(f"round {rnd} {cfg}: error: {exc!r}", flush=True)
-                    continue
-                r.update(round=rnd, config=cfg, wall_s=round(time.monotonic() - t, 1))
-                rounds.append(r)
-                print(f"round {rnd} {cfg:<12} {r['churn']['rate']:>9.0f} conn/s  {r['wall_s']:>5.1f} s", flush=True)
+        rounds = run_rounds(ctx, configs, skipped)
+        # The other phases run serve with one subscriber: all events in batches if that config ran.
+        tracer = next((c for c in TRACER_QUERIES if c in configs and c not in skipped), None)
         if not args.skip_iperf:
             print("iperf3 ...", flush=True)
-            iperf = run_iperf(prof, "conn-tracer" not in skipped)
-        if prof.rss_count and "conn-tracer" not in skipped:
+            iperf = run_iperf(prof, tracer)
+        if prof.rss_count and tracer:
             print(f"memory after {prof.rss_count:,} connections (<= {prof.rss_time_s:.0f} s) ...", flush=True)
             try:
-                rss = run_rss(churn, prof)
+                rss = run_rss(ctx, tracer)
             except Skip as exc:
                 rss = {"skipped": str(exc)}
-        if args.profile and "conn-tracer" not in skipped:
+        if args.profile and tracer:
             print("py-spy profile ...", flush=True)
             try:
-                profile = run_profile(churn, prof, args.profile)
+                profile = run_profile(ctx, tracer, args.profile, RUNS / f"{stamp}-profile-collapsed.txt")
             except Skip as exc:
                 profile = {"skipped": str(exc)}
     finally:
         stop_all()
 
-    s = summarise(rounds, iperf, rss, prof)
-    tg = targets(s, prof)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        print_table(s, tg, skipped)
-        print_profile(profile)
-    table = out.getvalue()
-    print(table, end="")
+    s = summarise(rounds, iperf, rss, configs)
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "app"], capture_output=True,
+                           text=True).stdout.strip()
     result = {
-        "meta": {"ws_query": TracerSession.ws_query,
-                 "timestamp": stamp, "kernel": platform.release(), "cpus": os.cpu_count(), "quick": args.quick,
-                 "profile": asdict(prof), "argv": sys.argv[1:], "wall_s": round(time.time() - started, 1),
-                 "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                       capture_output=True, text=True).stdout.strip(),
-                 "closes_counted": "close events for the churn port: role=client with dst_port=P plus "
-                                   "role=server with src_port=P; expected = client connections completed + "
-                                   "server sockets closed (2 per connection)"},
-        "skipped": skipped, "summary": s, "targets": tg, "rounds": rounds, "iperf": iperf, "rss": rss,
+        "meta": {"timestamp": stamp, "git": git.stdout.strip() + ("+dirty app/" if dirty else ""),
+                 "kernel": platform.release(), "cpus": os.cpu_count(), "quick": args.quick, "configs": configs,
+                 "ws_queries": TRACER_QUERIES, "bpf_stats": args.bpf_stats, "profile": asdict(prof),
+                 "argv": sys.argv[1:], "wall_s": round(time.time() - started, 1), "closes_counted": CLOSES_COUNTED},
+        "skipped": skipped, "summary": s, "targets": targets(s, prof), "rounds": rounds, "iperf": iperf, "rss": rss,
         "profile": profile,
     }
-    text = json.dumps(result, indent=1, default=str)
-    RUNS.mkdir(parents=True, exist_ok=True)
-    for name in (stamp, "latest"):
-        (RUNS / f"{name}.json").write_text(text)
-        (RUNS / f"{name}.txt").write_text(table)
-    print(f"\nwrote bench/runs/{stamp}.json and .txt ({time.time() - started:.0f} s)")
-    if args.save_reference:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "reference.json").write_text(text)
-        (RESULTS / "reference.txt").write_text(table)
-        print("wrote bench/results/reference.json and .txt (commit them with the README that quotes them)")
+    table = render(result)
+    print("\n" + table, end="")
+    write(result, table, stamp, args.save_reference)
+    print(f"({time.time() - started:.0f} s)")
     return 0
 
 
-def print_profile(profile: dict[str, Any] | None) -> None:
-    if profile and "self_pct" in profile:
-        print(f"\n== py-spy: serve's MainThread during max-rate churn ({profile['samples']} samples at 100 Hz) ==")
-        print("  self time by component: " + ", ".join(f"{k} {v}%" for k, v in profile["self_by_component_pct"][:10]))
-        print("  top self time:")
-        for name, pct in profile["self_pct"][:10]:
-            print(f"    {pct:5.1f}%  {name[:100]}")
-        print("  top inclusive time:")
-        for name, pct in profile["inclusive_pct"][:18]:
-            print(f"    {pct:5.1f}%  {name[:100]}")
+def _sigterm(signum: int, frame: Any) -> NoReturn:
+    # As Ctrl-C: unwind through every finally (children stopped, bpf_stats restored).
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _sigterm)
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(main())
     stop_all()

@@ -61,9 +61,8 @@ class SubscriberProc:
 class TracerSession:
     """`conn-tracer serve` plus one WebSocket subscriber, with start-up timings."""
 
-    ws_query = ""  # e.g. "type=close": set from --ws-query for every session
-
-    def __init__(self, ports: list[int], name: str) -> None:
+    def __init__(self, ports: list[int], name: str, ws_query: str) -> None:
+        self.ws_query = ws_query  # "batch=256", "type=close", "" (per-message, everything)
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
         self.probe_port = free_port()
