@@ -107,9 +107,10 @@ def _others(s: dict[str, Any]) -> list[str]:
                        f"warning: {c[peer].get('lost_warning') or 'none'}")
     for cfg in COUNTING:
         if cfg in c:
+            per_cb = c[cfg].get("records_per_wakeup")
             out.append(f"  {cfg}: {fmt(c[cfg].get('cpu_us_per_event'), 2)} us CPU per record, "
-                       f"{fmt(c[cfg].get('events_per_conn'), 2)} records per connection, "
-                       f"{fmt(c[cfg].get('records_per_wakeup'), 1)} records per callback")
+                       f"{fmt(c[cfg].get('events_per_conn'), 2)} records per connection"
+                       + (f", {per_cb:.1f} records per callback (per wake-up)" if per_cb else ""))
     for cfg, ratio in s.get("pipeline_vs_floor", {}).items():
         out.append(f"  pipeline cost {cfg}: {ratio:.2f}x the floor per event "
                    f"({fmt(c[cfg].get('cpu_us_per_event'), 2)} vs {fmt(c['floor'].get('cpu_us_per_event'), 2)} us)")
@@ -130,7 +131,7 @@ def _targets(tg: list[dict[str, Any]]) -> list[str]:
     out = ["", "== targets (issue 8) =="]
     for t in tg:
         mark = {True: "PASS", False: "FAIL"}.get(t["pass"], "n/a " if t["value"] is None else "info")
-        out.append(f"  [{mark}] {t['target']:<44} {fmt(t['value']):>10}   want {t['want']}")
+        out.append(f"  [{mark}] {t['target']:<50} {fmt(t['value']):>10}   want {t['want']}")
     return out
 
 
