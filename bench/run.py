@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
@@ -82,6 +83,17 @@ def run_rounds(ctx: Context, configs: list[str], skipped: dict[str, str]) -> lis
             rounds.append(r)
             print(f"round {rnd} {cfg:<18} {r['churn']['rate']:>9.0f} conn/s  {r['wall_s']:>5.1f} s", flush=True)
     return rounds
+
+
+def guarded(phase: Callable[[], Any]) -> Any:
+    """Runs one of the phases after the rounds; a failure is reported, not fatal to the run."""
+    try:
+        return phase()
+    except Skip as exc:
+        return {"skipped": str(exc)}
+    except (subprocess.SubprocessError, RuntimeError, OSError, ValueError, KeyError) as exc:
+        print(f"  error: {exc!r}", flush=True)
+        return {"error": repr(exc)}
 
 
 def write(result: dict[str, Any], table: str, stamp: str, reference: bool) -> None:
@@ -165,19 +177,14 @@ def main() -> int:
         tracer = next((c for c in TRACER_QUERIES if c in configs and c not in skipped), None)
         if not args.skip_iperf:
             print("iperf3 ...", flush=True)
-            iperf = run_iperf(prof, tracer)
+            got = guarded(lambda: run_iperf(prof, tracer))
+            iperf = got if isinstance(got, list) else [got]
         if prof.rss_count and tracer:
             print(f"memory after {prof.rss_count:,} connections (<= {prof.rss_time_s:.0f} s) ...", flush=True)
-            try:
-                rss = run_rss(ctx, tracer)
-            except Skip as exc:
-                rss = {"skipped": str(exc)}
+            rss = guarded(lambda: run_rss(ctx, tracer))
         if args.profile and tracer:
             print("py-spy profile ...", flush=True)
-            try:
-                profile = run_profile(ctx, tracer, args.profile, RUNS / f"{stamp}-profile-collapsed.txt")
-            except Skip as exc:
-                profile = {"skipped": str(exc)}
+            profile = guarded(lambda: run_profile(ctx, tracer, args.profile, RUNS / f"{stamp}-profile-collapsed.txt"))
     finally:
         stop_all()
 
