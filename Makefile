@@ -1,5 +1,5 @@
 # conn-tracer: run everything as root on a Debian 12 host.
-.PHONY: setup setup-test serve trace check test lint bench bench-quick
+.PHONY: setup setup-test serve trace check test lint bench bench-quick bench-reference
 
 setup:
 	bash scripts/setup.sh
@@ -29,3 +29,7 @@ bench: setup-test
 
 bench-quick: setup-test
 	.venv/bin/python bench/run.py --quick
+
+# A full run that also replaces bench/results/reference.{json,txt}, the run the README quotes.
+bench-reference: setup-test
+	.venv/bin/python bench/run.py --save-reference

@@ -1,0 +1,202 @@
+"""From rounds to figures: medians over rounds, and the issue's targets as PASS/FAIL rows.
+
+Ratios are taken within a round first (configuration vs. the "none" run of the same round), then
+the median over rounds is reported; "worst" figures are the worst round. table.py prints these.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from harness import STATE_CHANGES_PER_CONN, Profile, expected_closes
+
+TRACERS = ("conn-tracer/batch", "conn-tracer/close")
+PEERS = ("tcplife", "tcpstates")
+COUNTING = ("floor", "bare")
+PHASES = ("low", "rate", "max")
+
+
+def med(xs: list[Any]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _max(xs: list[Any]) -> Any:
+    return max((x for x in xs if x is not None), default=None)
+
+
+def _per_conn_us(cpu_s: float, ch: dict[str, Any]) -> float:
+    return 1e6 * cpu_s / max(1, ch["connections"])
+
+
+def summarise_bpf(ms: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Per program (by name) and in total, medians over rounds of the kernel.measure() figures."""
+    done = [m for m in ms if m and "programs" in m]
+    if not done:
+        why = next((m["skipped"] for m in ms if m and "skipped" in m), "not measured")
+        return {"skipped": why}
+    progs: dict[str, list[dict[str, Any]]] = {}
+    for m in done:
+        seen: dict[str, int] = {}
+        for p in m["programs"]:
+            n = seen[p["name"]] = seen.get(p["name"], 0) + 1
+            progs.setdefault(p["name"] if n == 1 else f"{p['name']} #{n}", []).append(p)
+    rows = [{"name": name, "runs_per_conn": med([p["runs_per_conn"] for p in ps]),
+             "ns_per_run": med([p["ns_per_run"] for p in ps]), "us_per_conn": med([p["us_per_conn"] for p in ps]),
+             "recursion_misses": sum(p["recursion_misses"] for p in ps)} for name, ps in progs.items()]
+    rows.sort(key=lambda r: -(r["us_per_conn"] or 0))
+    return {"us_per_conn": med([m["us_per_conn"] for m in done]),
+            "runs_per_conn": med([m["runs_per_conn"] for m in done]), "programs": rows, "rounds": len(done),
+            # someone else switched bpf_stats off during a window: those figures are too low
+            "interrupted": any(m.get("interrupted") for m in done)}
+
+
+def _phase(ps: list[dict[str, Any]]) -> dict[str, Any]:
+    lat = [p["subscriber"].get("latency_ms", {}) for p in ps]
+    return {
+        "rate_limit": ps[0]["churn"]["rate_limit"], "rate": med([p["churn"]["rate"] for p in ps]),
+        "completeness": med([p["completeness"] for p in ps]),
+        "completeness_min": min(p["completeness"] for p in ps),
+        "tracer_close_ratio": med([p["tracer_close_ratio"] for p in ps]),
+        "lost_kernel_max": max(p["lost_kernel"] for p in ps),
+        "backlog_dropped_max": max(p.get("backlog_dropped", 0) for p in ps),
+        "backlog_peak": max(p.get("backlog_peak", 0) for p in ps),
+        "dropped_subscribers_max": max(p["dropped_subscribers"] for p in ps),
+        "latency_p50_ms": med([x.get("p50") for x in lat]),
+        "latency_p99_ms": med([x.get("p99") for x in lat]),
+        "latency_p99_ms_worst": _max([x.get("p99") for x in lat]),
+        "cpu_us_per_conn": med([_per_conn_us(p["cpu_s"], p["churn"]) for p in ps]),
+        "cpu_us_per_event": med([1e6 * p["cpu_s"] / p["events_delivered"] for p in ps if p["events_delivered"]]),
+        "events_per_conn": med([p["events_delivered"] / max(1, p["churn"]["connections"]) for p in ps]),
+    }
+
+
+def _tracer(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    phases = {name: _phase([r["phases"][name] for r in rs]) for name in PHASES
+              if all(name in r.get("phases", {}) for r in rs)}
+    mx = phases.get("max", {})
+    return {
+        "ws_query": rs[0].get("ws_query"), "phases": phases,
+        # The table's and the targets' figures are those of the max-rate phase.
+        **{k: mx.get(k) for k in ("completeness", "completeness_min", "lost_kernel_max", "backlog_dropped_max",
+                                  "dropped_subscribers_max", "events_per_conn", "cpu_us_per_event",
+                                  "latency_p50_ms", "latency_p99_ms")},
+        "seq_regressions_total": sum(r.get("subscriber", {}).get("seq_regressions", 0) for r in rs),
+        "spawn_to_healthz_ms": med([r["startup"].get("spawn_to_healthz_ms") for r in rs]),
+        "spawn_to_first_event_ms": med([r["startup"].get("spawn_to_first_event_ms") for r in rs]),
+        "probe_to_first_event_ms": med([r["startup"].get("probe_to_first_event_ms") for r in rs]),
+        "rss_mb_idle": med([r.get("rss_kb_idle", {}).get("VmRSS", 0) / 1024 for r in rs]),
+        "rss_mb_after_round": med([r.get("rss_kb", {}).get("VmRSS", 0) / 1024 for r in rs]),
+        "serve_exit_rc": [r.get("serve_exit", {}).get("rc") for r in rs],
+    }
+
+
+def _peer(cfg: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
+    expected_lines = 2 if cfg == "tcplife" else STATE_CHANGES_PER_CONN
+    return {"completeness": med([r["closes"] / max(1, expected_closes(r["churn"])) for r in rs]),
+            "completeness_min": min(r["closes"] / max(1, expected_closes(r["churn"])) for r in rs),
+            "lines_ratio": med([r["lines"] / max(1, expected_lines * r["churn"]["connections"]) for r in rs]),
+            "lost_kernel_max": max(r["lost_samples"] for r in rs),
+            "events_per_conn": med([r["lines"] / max(1, r["churn"]["connections"]) for r in rs]),
+            "cpu_us_per_event": med([1e6 * r["cpu_s"] / max(1, r["lines"]) for r in rs]),
+            "lost_warning": next((r["lost_warnings"][0] for r in rs if r["lost_warnings"]), None)}
+
+
+def _counting(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"cpu_us_per_event": med([1e6 * r["cpu_s"] / max(1, r["records"]) for r in rs]),
+            "events_per_conn": med([r["records"] / max(1, r["churn"]["connections"]) for r in rs]),
+            "records_per_wakeup": med([r["records"] / r["callbacks"] for r in rs if r.get("callbacks")]),
+            "lost_kernel_max": max(r.get("lost_kernel", 0) for r in rs)}
+
+
+def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: dict[str, Any] | None,
+              configs: list[str]) -> dict[str, Any]:
+    by: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+    for r in rounds:
+        if "skipped" not in r and "error" not in r:
+            by.setdefault(r["config"], []).append(r)
+    none_rate = {r["round"]: r["churn"]["rate"] for r in by.get("none", [])}
+    s: dict[str, Any] = {"configs": {}}
+    for cfg, rs in by.items():
+        if not rs:
+            continue
+        d: dict[str, Any] = {"runs": len(rs), "rate": med([r["churn"]["rate"] for r in rs]),
+                             "overhead_ratio": med([r["churn"]["rate"] / none_rate[r["round"]] for r in rs
+                                                    if r["round"] in none_rate])}
+        if cfg != "none":
+            d["cpu_us_per_conn"] = med([_per_conn_us(r["cpu_s"], r["churn"]) for r in rs])
+            d["bpf"] = summarise_bpf([r.get("bpf") for r in rs])
+        if cfg in TRACERS:
+            d.update(_tracer(rs))
+        elif cfg in PEERS:
+            d.update(_peer(cfg, rs))
+        elif cfg in COUNTING:
+            d.update(_counting(rs))
+        s["configs"][cfg] = d
+    floor = s["configs"].get("floor", {}).get("cpu_us_per_event")
+    if floor:
+        s["pipeline_vs_floor"] = {cfg: s["configs"][cfg]["cpu_us_per_event"] / floor for cfg in TRACERS
+                                  if s["configs"].get(cfg, {}).get("cpu_us_per_event")}
+    bps: dict[str, list[float]] = {}
+    for r in iperf:
+        if "bps" in r:
+            bps.setdefault(r["config"], []).append(r["bps"])
+    if bps.get("none"):
+        s["iperf_gbps"] = {k: (med(v) or 0) / 1e9 for k, v in bps.items()}
+        traced = next((k for k in bps if k != "none"), None)
+        if traced:
+            s["iperf_config"] = traced
+            s["iperf_ratio"] = (med(bps[traced]) or 0) / (med(bps["none"]) or 1)
+    if rss and "rss_kb_after" in rss:
+        after, before, st = rss["rss_kb_after"], rss.get("rss_kb_before", {}), rss.get("stats", {})
+        s["rss_after_n"] = {"config": rss.get("config"), "connections": rss["churn"]["connections"],
+                            "target": rss["target_connections"], "rss_mb": after.get("VmRSS", 0) / 1024,
+                            "hwm_mb": after.get("VmHWM", 0) / 1024, "anon_mb": after.get("RssAnon", 0) / 1024,
+                            "file_mb": after.get("RssFile", 0) / 1024, "rss_mb_before": before.get("VmRSS", 0) / 1024,
+                            "anon_mb_before": before.get("RssAnon", 0) / 1024, "rate": rss["churn"]["rate"],
+                            "completeness": rss.get("completeness"), "lost_kernel": st.get("lost_kernel"),
+                            "backlog_dropped": st.get("backlog_dropped"),
+                            "dropped_subscribers": st.get("dropped_subscribers")}
+    return s
+
+
+def targets(s: dict[str, Any], prof: Profile) -> list[dict[str, Any]]:
+    """The issue's targets, one row each: pass True/False, or None when not measured (or info only)."""
+    c = s["configs"]
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, value: Any, want: str, ok: Any) -> None:
+        rows.append({"target": name, "value": value, "want": want,
+                     "pass": None if value is None or ok is None else bool(ok)})
+
+    life = c.get("tcplife", {}).get("overhead_ratio")
+    for cfg in TRACERS:
+        d = c.get(cfg, {})
+        mode = cfg.split("/")[1]
+        lk, cm, ov = d.get("lost_kernel_max"), d.get("completeness_min"), d.get("overhead_ratio")
+        add(f"{mode}: kernel-lost at max (worst)", lk, "== 0", lk == 0)
+        add(f"{mode}: closes delivered at max (worst)", cm, ">= 0.999", cm is not None and cm >= 0.999)
+        add(f"{mode}: rate vs untraced at max", ov, ">= 0.90 and > tcplife " + (f"({life:.3f})" if life else
+                                                                               "(not run)"),
+            ov is not None and ov >= 0.90 and ov > (life or 0))
+        cpu = d.get("cpu_us_per_conn")
+        if mode == "batch":
+            add(f"{mode}: serve CPU per conn at max (us)", cpu, "<= 10", cpu is not None and cpu <= 10)
+        else:
+            add(f"{mode}: serve CPU per conn at max (us)", cpu, "reported (no target)", None)
+        bpf = d.get("bpf", {}).get("us_per_conn")
+        add(f"{mode}: in-kernel BPF per conn (us)", bpf, "<= 3", bpf is not None and bpf <= 3)
+        for phase, limit_ms in (("low", 5), ("rate", 20), ("max", 50)):
+            ph = d.get("phases", {}).get(phase, {})
+            p99 = ph.get("latency_p99_ms")
+            where = "max" if phase == "max" else f"{(prof.low_rate if phase == 'low' else prof.latency_rate):,.0f}/s"
+            if ph and ph["rate_limit"] and ph["rate"] < 0.95 * ph["rate_limit"]:
+                where += f" [got {ph['rate']:,.0f}/s]"  # the machine could not offer the rate
+            add(f"{mode}: p99 latency @ {where} (ms)", p99, f"<= {limit_ms}", p99 is not None and p99 <= limit_ms)
+    rss = s.get("rss_after_n")
+    n = f"{rss['connections']:,}" if rss else f"{prof.rss_count:,}" if prof.rss_count else "N"
+    add(f"RSS after {n} conns (MB)", rss and rss["rss_mb"], "<= 150", rss and rss["rss_mb"] <= 150)
+    ir = s.get("iperf_ratio")
+    add("iperf3 throughput vs untraced", ir, ">= 0.97", ir is not None and ir >= 0.97)
+    return rows
