@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections import deque
-from collections.abc import Iterable
+from collections import Counter, deque
+from operator import itemgetter
 
-from app.bpf.event import CONN_ID, EV_CLOSE, EVENT_TYPE_NAMES, TYPE, EventRecord
+from app.bpf.event import EVENT_TYPE_NAMES, TYPE, EventRecord
 from app.filters import Predicate
 from app.models import EventWriter
 
@@ -53,15 +53,16 @@ class Subscriber:
         if backlog or overwritten:
             self._wake.set()
 
-    def offer(self, item: HubItem) -> None:
-        """Called by publish(); O(1), never blocks."""
+    def offer(self, items: list[HubItem]) -> None:
+        """Called by publish_many() with this subscriber's share of a batch; never blocks."""
         q = self.queue
-        if len(q) == self.maxlen:
-            # deque(maxlen) discards the oldest on append; count it.
-            self.dropped_pending += 1
-            self.dropped_total += 1
-            self.hub.dropped_subscribers += 1
-        q.append(item)
+        over = len(q) + len(items) - self.maxlen
+        if over > 0:
+            # deque(maxlen) discards the oldest on extend; count them.
+            self.dropped_pending += over
+            self.dropped_total += over
+            self.hub.dropped_subscribers += over
+        q.extend(items)
         self._wake.set()
 
     def take(self, max_events: int = 1024) -> list[str]:
@@ -125,40 +126,39 @@ class EventHub:
         """Events published, per event type name."""
         return {name: self._counts.get(n, 0) for n, name in EVENT_TYPE_NAMES.items()}
 
-    def publish_many(self, recs: Iterable[EventRecord]) -> None:
-        """Numbers and fans out events, in order; synchronous, O(events x subscribers)."""
-        seq = self.seq
-        append = self.replay.append
+    def publish_many(self, recs: list[EventRecord]) -> None:
+        """Numbers and fans out a batch of events, in order; synchronous, never blocks."""
+        first = self.seq + 1
+        self.seq += len(recs)
+        items = list(map(HubItem, range(first, self.seq + 1), recs))
+        self.replay.extend(items)
         counts = self._counts
-        subs = self.subscribers
-        for rec in recs:
-            seq += 1
-            item = HubItem(seq, rec)
-            append(item)
-            counts[rec[TYPE]] += 1
-            for s in subs:
-                if s.pred is None or s.pred(rec):
-                    s.offer(item)
-        self.seq = seq
+        for t, n in Counter(map(itemgetter(TYPE), recs)).items():
+            counts[t] = counts.get(t, 0) + n
+        for s in self.subscribers:
+            pred = s.pred
+            mine = items if pred is None else [i for i in items if pred(i.rec)]
+            if mine:
+                s.offer(mine)
 
     def publish(self, rec: EventRecord) -> HubItem:
         """One event; returns its item."""
-        self.publish_many((rec,))
+        self.publish_many([rec])
         return self.replay[-1]
 
-    def texts(self, items: Iterable[HubItem]) -> list[str]:
-        """The JSON of each item, made now if it was not made before."""
-        out = []
-        writer = self.writer
-        for item in items:
-            text = item.text
-            if text is None:
-                rec = item.rec
-                text = item.text = writer.json(item.seq, rec)
-                if rec[TYPE] == EV_CLOSE:
-                    writer.forget(rec[CONN_ID])
-            out.append(text)
-        return out
+    def texts(self, items: list[HubItem]) -> list[str]:
+        """The JSON of each item, made now (in one call) for those that were not made before."""
+        todo = [i for i in items if i.text is None]
+        if todo:
+            # Consecutive seqs are the common case (an unfiltered subscriber): one run per call.
+            start = 0
+            for k in range(1, len(todo) + 1):
+                if k == len(todo) or todo[k].seq != todo[k - 1].seq + 1:
+                    run = todo[start:k]
+                    for item, text in zip(run, self.writer.json_many(run[0].seq, [i.rec for i in run]), strict=True):
+                        item.text = text
+                    start = k
+        return [i.text for i in items]  # type: ignore[misc]
 
     @property
     def first_seq(self) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-from app.bpf.event import CONN_ID
 from app.decode import DecodeError, Decoder
 from app.hub import EventHub
 from app.table import ConnectionTable
@@ -39,13 +38,11 @@ class Pipeline:
             self.decoder.bad_records += count
             log.warning("undecodable batch of %d records", count, exc_info=True)
             return
-        apply = self.table.apply
-        for rec in recs:
-            try:
-                apply(rec)
-            except Exception:
-                # A bug in our own code must not stop the reader; count it, loudly (but boundedly).
-                self.apply_errors += 1
-                if self.apply_errors <= 10:
-                    log.exception("applying an event of connection %s failed", rec[CONN_ID])
+        try:
+            self.table.apply_many(recs)
+        except Exception:
+            # A bug in our own code must not stop the reader; count it, loudly (but boundedly).
+            self.apply_errors += 1
+            if self.apply_errors <= 10:
+                log.exception("applying a batch of %d events failed", len(recs))
         self.hub.publish_many(recs)

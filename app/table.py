@@ -103,8 +103,26 @@ class ConnectionTable:
         # kernel reports the same socket too (it was opening while we attached).
         self._pre_keys: dict[ConnKey, int] = {}
 
+    def apply_many(self, recs: list[EventRecord]) -> None:
+        """apply() each record, in order; hot path: the common case (an open connection) inlined."""
+        op = self._open
+        get = op.get
+        move = op.move_to_end
+        apply = self.apply
+        for rec in recs:
+            c = get(rec[CONN_ID])
+            if c is None or rec[TYPE] == EV_CLOSE:
+                apply(rec)
+                continue
+            move(rec[CONN_ID])
+            c.rec = rec
+            c.events += 1
+            if rec[PID]:
+                c.pid = rec[PID]
+                c.comm = rec[COMM]
+
     def apply(self, rec: EventRecord) -> None:
-        """Creates or updates the connection of `rec`; hot path."""
+        """Creates or updates the connection of `rec`."""
         cid = rec[CONN_ID]
         op = self._open
         c = op.get(cid)

@@ -17,11 +17,13 @@ kernel=$(uname -r)
 build="/lib/modules/$kernel/build"
 
 pkgs=(python3 python3-venv python3-bpfcc libbpfcc libbpf1 bpftool iproute2 make)
+# A C compiler and Python headers build the optional hot-path helpers (app/_speedups.c).
+pkgs+=(gcc python3-dev)
 # bcc insists on a kernel header tree. Only when the host has none for its kernel do
 # we add Debian's generic headers; tracer.c takes no struct layout from them.
 [ -e "$build" ] || pkgs+=(linux-headers-amd64)
 if [ "$want_test" -eq 1 ]; then
-    pkgs+=(chromium bpfcc-tools iperf3 gcc procps)
+    pkgs+=(chromium bpfcc-tools iperf3 procps)
 fi
 
 missing=()
