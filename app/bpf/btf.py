@@ -189,6 +189,7 @@ TRACER_OFFSETS: tuple[tuple[str, str, str], ...] = (
     ("OFF_SK_PROTOCOL", "sock", "sk_protocol"),
     ("OFF_NET_INUM", "net", "ns.inum"),
     ("OFF_SKC_FAMILY", "sock_common", "skc_family"),
+    ("OFF_SKC_STATE", "sock_common", "skc_state"),
     ("OFF_SKC_DPORT", "sock_common", "skc_dport"),
     ("OFF_INET_SPORT", "inet_sock", "inet_sport"),
     ("OFF_SKC_RCV_SADDR", "sock_common", "skc_rcv_saddr"),
@@ -199,7 +200,7 @@ TRACER_OFFSETS: tuple[tuple[str, str, str], ...] = (
 
 
 # The fields tracer.c takes from one read of the start of struct sock, with their sizes.
-SK_HEAD_FIELDS = {"OFF_SKC_DADDR": 4, "OFF_SKC_RCV_SADDR": 4, "OFF_SKC_DPORT": 2, "OFF_SKC_FAMILY": 2,
+SK_HEAD_FIELDS = {"OFF_SKC_DADDR": 4, "OFF_SKC_RCV_SADDR": 4, "OFF_SKC_DPORT": 2, "OFF_SKC_FAMILY": 2, "OFF_SKC_STATE": 1,
                   "OFF_SKC_V6_DADDR": 16, "OFF_SKC_V6_RCV_SADDR": 16, "OFF_SK_FLAGS": 8}
 MAX_SK_HEAD_SIZE = 256   # a stack buffer in the BPF program (512 bytes of stack in all)
 

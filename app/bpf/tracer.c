@@ -16,7 +16,7 @@
 //   OFF_SK_FLAGS, SOCK_DONE_BIT          sock_common.skc_flags and enum sock_flags.SOCK_DONE
 //   OFF_SK_NET, OFF_NET_INUM             sock -> struct net * -> ns.inum
 //   OFF_SK_PROTOCOL                      struct sock.sk_protocol (u16)
-//   OFF_SKC_*, OFF_INET_SPORT            the connection's addresses and ports
+//   OFF_SKC_*, OFF_INET_SPORT            the connection's addresses, ports and state
 //   SK_HEAD_SIZE                         bytes of struct sock read at once: covers every OFF_SKC_*/OFF_SK_FLAGS/OFF_SK_NET
 //   DATA_QUEUE_KPROBE                    defined where kprobes work (tcp_data_queue)
 //   DATA_QUEUE_INTERVAL_NS               in-kernel coalescing of data-queue events (0 = none)
@@ -97,7 +97,6 @@ struct sock_info {
     u32 pid;
     u32 netns;             // constant for a socket's life: read once
     u8 role;
-    u8 state;
     u8 syn_pending;        // the syn_* event rides on the first record with a real tuple
     u8 flags;
     char comm[16];
@@ -207,6 +206,7 @@ struct tuple {
     u16 dport;
     u8 family;
     u8 fin;
+    u8 state;   // skc_state; at inet_sock_set_state still the old one (the store follows the tracepoint)
 };
 
 static __always_inline void read_tuple(struct tuple *t, const void *sk) {
@@ -216,6 +216,7 @@ static __always_inline void read_tuple(struct tuple *t, const void *sk) {
     t->dport = bpf_ntohs(HEAD_FIELD(h.b, OFF_SKC_DPORT, u16));
     t->sport = bpf_ntohs(read_sport_be(sk));
     t->fin = (HEAD_FIELD(h.b, OFF_SK_FLAGS, unsigned long) >> SOCK_DONE_BIT) & 1;
+    t->state = HEAD_FIELD(h.b, OFF_SKC_STATE, u8);
     if (family == AF_INET6) {
         t->family = 6;
         __builtin_memcpy(t->saddr, h.b + OFF_SKC_V6_RCV_SADDR, 16);
@@ -249,7 +250,11 @@ static __always_inline int passes_filters(const struct tuple *t, u32 pid) {
 // syn event is still pending, the record carries EVF_SYN: the kernel sets the
 // local port and address only after the SYN_SENT / SYN_RECV transition, so this
 // is the first record with the real tuple, and start_ns is the syn's time.
-static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, u8 oldstate, u64 now) {
+#define STATE_FROM_SOCKET 0xff
+
+// `state` is the state after this event, or STATE_FROM_SOCKET to read it from the socket.
+static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, u8 oldstate, u8 state,
+                                 u64 now) {
     struct tuple t;
     read_tuple(&t, sk);
     if (!passes_filters(&t, si->pid))
@@ -281,7 +286,7 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
     e->family = t.family;
     e->type = type;
     e->role = si->role;
-    e->state = si->state;
+    e->state = state == STATE_FROM_SOCKET ? t.state : state;
     e->oldstate = oldstate;
     e->flags = si->flags | (t.fin ? EVF_FIN_RECEIVED : 0) | (si->syn_pending ? EVF_SYN : 0);
     e->_pad[0] = 0;
@@ -312,7 +317,6 @@ int ct_state(struct bpf_raw_tracepoint_args *ctx) {
         struct sock_info si = {};
         si.conn_id = next_conn_id();
         si.start_ns = bpf_ktime_get_ns();
-        si.state = newstate;
         si.netns = read_netns(sk);
         si.syn_pending = 1;
         if (newstate == ST_SYN_SENT) {
@@ -354,20 +358,22 @@ int ct_state(struct bpf_raw_tracepoint_args *ctx) {
         return 0;
     }
 
+#ifndef STATE_EVENTS
+    // Other transitions emit nothing: no lookup (a data event reads the state from the socket).
+    if (newstate != ST_CLOSE && newstate != ST_ESTABLISHED)
+        return 0;
+#endif
     struct sock_info *si = sockets.lookup(&key);
     if (!si)
         return 0;   // sockets that opened before we attached, and non-TCP ones
-    si->state = newstate;
 
     if (newstate == ST_CLOSE) {
-        emit(sk, si, EV_CLOSE, oldstate, bpf_ktime_get_ns());
+        emit(sk, si, EV_CLOSE, oldstate, newstate, bpf_ktime_get_ns());
         sockets.delete(&key);
     } else if (newstate == ST_ESTABLISHED) {
-        emit(sk, si, EV_ESTABLISHED, oldstate, bpf_ktime_get_ns());
+        emit(sk, si, EV_ESTABLISHED, oldstate, newstate, bpf_ktime_get_ns());
     } else {
-#ifdef STATE_EVENTS
-        emit(sk, si, EV_STATE_CHANGE, oldstate, bpf_ktime_get_ns());
-#endif
+        emit(sk, si, EV_STATE_CHANGE, oldstate, newstate, bpf_ktime_get_ns());
     }
     return 0;
 }
@@ -393,7 +399,7 @@ static __always_inline void on_data_queued(const void *sk) {
         return;
     si->last_dq_payload = payload;
     si->last_dq_ns = now;
-    emit(sk, si, EV_DATA_QUEUE, 0, now);
+    emit(sk, si, EV_DATA_QUEUE, 0, STATE_FROM_SOCKET, now);
 }
 
 #ifdef DATA_QUEUE_KPROBE
