@@ -1,48 +1,56 @@
-"""EventHub: sequence numbers, the bounded replay buffer, bounded per-subscriber queues.
+"""EventHub: sequence numbers, the bounded replay buffer, subscribers as cursors into it.
 
-Single-threaded asyncio is the concurrency rule: publish() runs synchronously in the
-ring-buffer reader callback and never awaits, so subscribe() can snapshot the replay
-buffer and register in one step with no event slipping between the two.
+Single-threaded asyncio is the concurrency rule: publish_many() runs synchronously in the
+ring-buffer reader callback and never awaits, so subscribe() can place its cursor with no
+event slipping in between.
+
+Nothing is allocated per event beyond its record: the replay buffer holds records in chunks
+of consecutive seqs (with a slot for each event's JSON, made once, when first needed), and a
+subscriber is a cursor, the next seq it will look at, so publishing costs O(subscribers) per
+batch, not per event, and a slow subscriber holds no memory of its own. A subscriber more
+than `subscriber_queue_events` behind loses its oldest events, counted and told.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 from collections import Counter, deque
+from collections.abc import Iterator
 from operator import itemgetter
 
 from app.bpf.event import EVENT_TYPE_NAMES, TYPE, EventRecord
 from app.filters import Predicate
 from app.models import EventWriter
 
+# Small batches (a quiet host) are merged into the newest chunk up to this many events, which
+# bounds the number of chunks (and so the cost of finding a seq) by replay_events / CHUNK_EVENTS.
+CHUNK_EVENTS = 256
 
-class HubItem:
-    """One published event: its seq and record; its JSON is made once, when first needed."""
 
-    __slots__ = ("seq", "rec", "text")
+class Chunk:
+    """Events first_seq, first_seq + 1, ...: their records, and their JSON once made (None before)."""
 
-    def __init__(self, seq: int, rec: EventRecord) -> None:
-        self.seq = seq
-        self.rec = rec
-        self.text: str | None = None
+    __slots__ = ("first_seq", "recs", "texts")
+
+    def __init__(self, first_seq: int, recs: list[EventRecord]) -> None:
+        self.first_seq = first_seq
+        self.recs = recs
+        self.texts: list[str | None] = [None] * len(recs)
 
 
 class Subscriber:
-    """A bounded queue of items for one consumer; overflow drops the oldest undelivered."""
+    """One consumer: a cursor into the hub's events, a filter, and what it has been told it lost."""
 
-    def __init__(self, hub: EventHub, pred: Predicate | None, maxlen: int, backlog: list[HubItem],
-                 overwritten: int, label: str = "") -> None:
+    def __init__(self, hub: EventHub, pred: Predicate | None, cursor: int, overwritten: int,
+                 label: str = "") -> None:
         self.hub = hub
         self.id = hub.next_subscriber_id
         self.label = label
         self.pred = pred
-        self.maxlen = maxlen
-        self.queue: deque[HubItem] = deque(maxlen=maxlen)
-        # Replay items (resume) are sent before the live queue; they are already held by
-        # the replay buffer, so keeping them apart costs no extra bound.
-        self.backlog = backlog
+        self.cursor = cursor   # the next seq this subscriber looks at
+        # A resume may start further back than the live bound; it has that much slack until it catches up.
+        self.max_behind = max(hub.queue_events, hub.seq + 1 - cursor)
         self.overwritten = overwritten
         self.dropped_pending = 0
         self.dropped_total = 0
@@ -50,43 +58,54 @@ class Subscriber:
         self.closed = False
         self.close_code: int | None = None  # set when the service asks it to go away
         self._wake = asyncio.Event()
-        if backlog or overwritten:
+        if overwritten or cursor <= hub.seq:
             self._wake.set()
 
-    def offer(self, items: list[HubItem]) -> None:
-        """Called by publish_many() with this subscriber's share of a batch; never blocks."""
-        q = self.queue
-        over = len(q) + len(items) - self.maxlen
-        if over > 0:
-            # deque(maxlen) discards the oldest on extend; count them.
-            self.dropped_pending += over
-            self.dropped_total += over
-            self.hub.dropped_subscribers += over
-        q.extend(items)
+    @property
+    def behind(self) -> int:
+        """Events published that this subscriber has not looked at yet."""
+        return self.hub.seq + 1 - self.cursor
+
+    def notify(self) -> None:
+        """Called by publish_many() once per batch; O(1) unless this subscriber must lose events."""
+        if self.behind > self.max_behind:
+            self.drop_to(self.hub.seq + 1 - self.max_behind)
         self._wake.set()
+
+    def drop_to(self, seq: int) -> None:
+        """Skips the events before `seq` (too slow, or about to leave the replay buffer); counts what it lost."""
+        if seq <= self.cursor:
+            return
+        pred = self.pred
+        if pred is None:
+            lost = seq - self.cursor
+        else:
+            lost = sum(1 for recs, _texts, _first, lo, hi in self.hub.segments(self.cursor, seq)
+                       for r in recs[lo:hi] if pred(r))
+        self.cursor = seq
+        self.dropped_pending += lost
+        self.dropped_total += lost
+        self.hub.dropped_subscribers += lost
 
     def take(self, max_events: int = 1024) -> list[str]:
         """What is deliverable now (at most `max_events` events), as JSON texts, control messages first."""
         out: list[str] = []
+        if self.closed:
+            return out
         if self.overwritten:
             n, self.overwritten = self.overwritten, 0
             out.append(json.dumps({"type": "overwritten", "count": n,
                                    "message": f"{n} events after the requested seq are no longer "
                                               "in the replay buffer"}))
-        if self.backlog:
-            chunk, self.backlog = self.backlog[:max_events], self.backlog[max_events:]
-            out.extend(self.hub.texts(chunk))
-            if self.backlog:
-                return out  # the wake flag stays set: more to come
         if self.dropped_pending:
-            # The dropped ones were older than everything still queued: say so before those.
+            # The dropped ones were older than everything still to come: say so before those.
             out.append(json.dumps({"type": "dropped", "count": self.dropped_pending}))
             self.dropped_pending = 0
-        q = self.queue
-        n = min(len(q), max(0, max_events - len(out)))
-        pop = q.popleft
-        out.extend(self.hub.texts([pop() for _ in range(n)]))
-        if not q:
+        texts, self.cursor = self.hub.texts_from(self.cursor, max_events, self.pred)
+        out.extend(texts)
+        if self.behind <= self.hub.queue_events:
+            self.max_behind = self.hub.queue_events
+        if self.cursor > self.hub.seq:
             self._wake.clear()
         self.delivered += len(out)
         return out
@@ -108,13 +127,21 @@ class Subscriber:
 
 
 class EventHub:
-    """Assigns seq (the one place it is assigned), keeps the last `replay_events`, fans out to subscribers."""
+    """Assigns seq (the one place it is assigned), keeps the last `replay_events`, serves subscribers.
+
+    The replay buffer gives up whole chunks: it holds at least `replay_events` (once that many were
+    published) and at most one chunk more.
+    """
 
     def __init__(self, writer: EventWriter, replay_events: int = 100_000,
                  subscriber_queue_events: int = 10_000) -> None:
         self.writer = writer
-        self.replay: deque[HubItem] = deque(maxlen=replay_events)
-        self.queue_events = subscriber_queue_events
+        self.replay_events = replay_events
+        # A subscriber cannot be further behind than what the replay buffer still holds.
+        self.queue_events = min(subscriber_queue_events, replay_events)
+        self.chunks: deque[Chunk] = deque()
+        self.chunk_events = max(1, min(CHUNK_EVENTS, replay_events // 8))
+        self.held = 0
         self.seq = 0
         self._counts: dict[int, int] = dict.fromkeys(EVENT_TYPE_NAMES, 0)
         self.dropped_subscribers = 0
@@ -126,65 +153,110 @@ class EventHub:
         """Events published, per event type name."""
         return {name: self._counts.get(n, 0) for n, name in EVENT_TYPE_NAMES.items()}
 
-    def publish_many(self, recs: list[EventRecord]) -> None:
-        """Numbers and fans out a batch of events, in order; synchronous, never blocks."""
-        first = self.seq + 1
-        self.seq += len(recs)
-        items = list(map(HubItem, range(first, self.seq + 1), recs))
-        self.replay.extend(items)
-        counts = self._counts
-        for t, n in Counter(map(itemgetter(TYPE), recs)).items():
-            counts[t] = counts.get(t, 0) + n
-        for s in self.subscribers:
-            pred = s.pred
-            mine = items if pred is None else [i for i in items if pred(i.rec)]
-            if mine:
-                s.offer(mine)
-
-    def publish(self, rec: EventRecord) -> HubItem:
-        """One event; returns its item."""
-        self.publish_many([rec])
-        return self.replay[-1]
-
-    def texts(self, items: list[HubItem]) -> list[str]:
-        """The JSON of each item, made now (in one call) for those that were not made before."""
-        todo = [i for i in items if i.text is None]
-        if todo:
-            # Consecutive seqs are the common case (an unfiltered subscriber): one run per call.
-            start = 0
-            for k in range(1, len(todo) + 1):
-                if k == len(todo) or todo[k].seq != todo[k - 1].seq + 1:
-                    run = todo[start:k]
-                    for item, text in zip(run, self.writer.json_many(run[0].seq, [i.rec for i in run]), strict=True):
-                        item.text = text
-                    start = k
-        return [i.text for i in items]  # type: ignore[misc]
-
     @property
     def first_seq(self) -> int:
         """Seq of the oldest event still held (seq + 1 if none)."""
-        return self.replay[0].seq if self.replay else self.seq + 1
+        return self.chunks[0].first_seq if self.chunks else self.seq + 1
 
-    def since(self, after: int) -> tuple[list[HubItem], int]:
-        """Items with seq > after still held, and how many after `after` were overwritten."""
-        first = self.first_seq
-        overwritten = max(0, first - 1 - after)
-        if after >= self.seq:
-            return [], 0
-        # The replay buffer holds consecutive seqs, so the start index is arithmetic.
-        start = max(0, after + 1 - first)
-        return list(itertools.islice(self.replay, start, None)), overwritten
+    def publish_many(self, recs: list[EventRecord]) -> None:
+        """Numbers and keeps a batch of events, in order, and wakes the subscribers; never blocks."""
+        n = len(recs)
+        if not n:
+            return
+        chunks = self.chunks
+        last = chunks[-1] if chunks else None
+        if last is not None and len(last.recs) < self.chunk_events:
+            last.recs.extend(recs)
+            last.texts.extend([None] * n)
+        else:
+            chunks.append(Chunk(self.seq + 1, list(recs)))
+        self.seq += n
+        self.held += n
+        # Whole chunks leave once the rest still holds replay_events; a subscriber still on one
+        # loses those events first (counted with its filter while they can still be tested).
+        while self.held - len(chunks[0].recs) >= self.replay_events:
+            end = chunks[0].first_seq + len(chunks[0].recs)
+            for s in self.subscribers:
+                if s.cursor < end:
+                    s.drop_to(end)
+            self.held -= len(chunks.popleft().recs)
+        counts = self._counts
+        for t, k in Counter(map(itemgetter(TYPE), recs)).items():
+            counts[t] = counts.get(t, 0) + k
+        for s in self.subscribers:
+            s.notify()
+
+    def publish(self, rec: EventRecord) -> None:
+        """One event."""
+        self.publish_many([rec])
+
+    def segments(self, start: int, end: int) -> Iterator[tuple[list[EventRecord], list[str | None], int, int, int]]:
+        """(recs, texts, first_seq, lo, hi) of each chunk part holding seqs start..end-1 (clipped to what is held)."""
+        chunks = self.chunks
+        if not chunks or start >= end:
+            return
+        # Walk from whichever end is nearer: subscribers are usually close to the newest events.
+        if self.seq + 1 - start < start - chunks[0].first_seq:
+            i = len(chunks) - 1
+            while i > 0 and chunks[i].first_seq > start:
+                i -= 1
+        else:
+            i = 0
+            while i + 1 < len(chunks) and chunks[i + 1].first_seq <= start:
+                i += 1
+        for k in range(i, len(chunks)):
+            c = chunks[k]
+            first = c.first_seq
+            if first >= end:
+                break
+            lo, hi = max(start - first, 0), min(end - first, len(c.recs))
+            if lo < hi:
+                yield c.recs, c.texts, first, lo, hi
+
+    def texts_from(self, start: int, max_events: int, pred: Predicate | None = None,
+                   max_scan: int = 65536) -> tuple[list[str], int]:
+        """JSON of up to `max_events` events from seq `start` on (those `pred` accepts); and the next seq to look at.
+
+        Each event's JSON is made once (in one call per run of events) and kept for other readers.
+        A filter looks at no more than `max_scan` events per call, so one call's work is bounded.
+        """
+        out: list[str] = []
+        start = max(start, self.first_seq)
+        nxt = start
+        json_many = self.writer.json_many
+        for recs, texts, first, lo, hi in self.segments(start, start + (max_events if pred is None else max_scan)):
+            if pred is None:
+                hi = min(hi, lo + max_events - len(out))
+                if None in texts[lo:hi]:
+                    texts[lo:hi] = json_many(first + lo, recs[lo:hi])
+                out.extend(texts[lo:hi])  # type: ignore[arg-type]
+            else:
+                for j in range(lo, hi):
+                    if pred(recs[j]):
+                        text = texts[j]
+                        if text is None:
+                            text = texts[j] = json_many(first + j, [recs[j]])[0]
+                        out.append(text)
+                        if len(out) >= max_events:
+                            hi = j + 1
+                            break
+            nxt = first + hi
+            if len(out) >= max_events:
+                break
+        else:
+            nxt = max(nxt, min(self.seq + 1, start + (max_events if pred is None else max_scan)))
+        return out, nxt
 
     def subscribe(self, pred: Predicate | None = None, after: int | None = None, label: str = "") -> Subscriber:
         """Registers a subscriber; with `after`, held events after it come first (no gap, no dup)."""
-        backlog: list[HubItem] = []
-        overwritten = 0
-        if after is not None:
-            items, overwritten = self.since(after)
-            backlog = [i for i in items if pred(i.rec)] if pred is not None else items
-        # Same synchronous step as the snapshot: nothing can be published in between.
+        cursor, overwritten = self.seq + 1, 0
+        if after is not None and after < self.seq:
+            first = self.first_seq
+            overwritten = max(0, first - 1 - after)
+            cursor = max(after + 1, first)
+        # Same synchronous step as the cursor's placement: nothing can be published in between.
         self.next_subscriber_id += 1
-        sub = Subscriber(self, pred, self.queue_events, backlog, overwritten, label)
+        sub = Subscriber(self, pred, cursor, overwritten, label)
         self.subscribers.append(sub)
         return sub
 
@@ -194,9 +266,13 @@ class EventHub:
         if sub in self.subscribers:
             self.subscribers.remove(sub)
 
-    def events_after(self, after: int, limit: int) -> list[HubItem]:
-        """Oldest first, for GET /events."""
+    def events_after(self, after: int, limit: int) -> list[str]:
+        """JSON of the events after seq `after` still held, oldest first (GET /events)."""
         if after >= self.seq or limit <= 0:
             return []
-        start = max(0, after + 1 - self.first_seq)
-        return list(itertools.islice(self.replay, start, start + limit))
+        return self.texts_from(after + 1, limit)[0]
+
+    def seqs_held(self) -> Iterator[int]:
+        """Every seq the replay buffer holds, oldest first."""
+        for c in self.chunks:
+            yield from range(c.first_seq, c.first_seq + len(c.recs))

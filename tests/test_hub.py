@@ -26,7 +26,7 @@ def test_seq_strictly_increasing_and_serialised_once() -> None:
     hub = EventHub(writer(), replay_events=100)
     subs = [hub.subscribe() for _ in range(3)]
     publish(hub, 5)
-    assert [i.seq for i in hub.replay] == [1, 2, 3, 4, 5]
+    assert list(hub.seqs_held()) == [1, 2, 3, 4, 5]
     texts = [s.take() for s in subs]
     assert texts[0] == texts[1] == texts[2] and seqs(texts[0]) == [1, 2, 3, 4, 5]
     # The very same str objects: one serialisation per event, shared by every subscriber.
@@ -103,8 +103,8 @@ def test_resume_older_than_replay_says_overwritten() -> None:
 def test_events_after_oldest_first() -> None:
     hub = EventHub(writer(), replay_events=10)
     publish(hub, 25)
-    assert [i.seq for i in hub.events_after(0, 3)] == [16, 17, 18]
-    assert [i.seq for i in hub.events_after(20, 100)] == [21, 22, 23, 24, 25]
+    assert seqs(hub.events_after(0, 3)) == [16, 17, 18]
+    assert seqs(hub.events_after(20, 100)) == [21, 22, 23, 24, 25]
     assert hub.events_after(25, 10) == []
 
 
@@ -145,5 +145,26 @@ def test_subscriber_counters() -> None:
     publish(hub, 3)
     b.take()
     assert (a.id, b.id, a.label) == (1, 2, "port=1")
-    assert (len(a.queue), a.dropped_total, b.delivered, b.dropped_total) == (3, 2, 5, 0)
+    assert (a.behind, a.dropped_total, b.delivered, b.dropped_total) == (3, 2, 5, 0)
     assert hub.dropped_subscribers == 2
+
+
+def test_filtered_slow_subscriber_is_told_only_about_its_own_events() -> None:
+    hub = EventHub(writer(), replay_events=1000, subscriber_queue_events=10)
+    sub = hub.subscribe(Filter(port=443).predicate())
+    for i in range(30):
+        hub.publish(ev("data_queue", i, i, dst_port=443 if i % 3 == 0 else 80))
+    msgs = sub.take()
+    # 20 events went by its bound of 10; 7 of those were on port 443 (seq 1, 4, ..., 19).
+    assert controls(msgs) == [{"type": "dropped", "count": 7}]
+    assert seqs(msgs) == [22, 25, 28]
+
+
+def test_replay_bound_holds_with_a_subscriber_lagging_behind() -> None:
+    hub = EventHub(writer(), replay_events=16, subscriber_queue_events=1000)
+    sub = hub.subscribe(after=0)
+    publish(hub, 40)
+    assert 16 <= hub.held <= 18 and hub.first_seq == 41 - hub.held
+    msgs = sub.take()
+    assert controls(msgs)[0]["type"] == "dropped" and seqs(msgs) == list(range(41 - 16, 41))
+    assert controls(msgs)[0]["count"] + len(seqs(msgs)) == 40

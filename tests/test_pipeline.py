@@ -19,8 +19,9 @@ def test_batch_goes_to_table_and_hub_in_order() -> None:
     p.on_records(frames(*recs), len(recs))
     # Each record stands for its syn event too: 20 events, seq in ring order.
     assert (p.hub.seq, p.table.open_count, p.records, p.decode_errors) == (20, 10, 10, 0)
-    assert [i.rec[13] for i in list(p.hub.replay)[:4]] == [1, 3, 1, 3]
-    assert [i.rec[2] for i in p.hub.replay][::2] == list(range(1, 11))
+    recs = [r for c in p.hub.chunks for r in c.recs]
+    assert [r[13] for r in recs[:4]] == [1, 3, 1, 3]
+    assert [r[2] for r in recs][::2] == list(range(1, 11))
 
 
 def test_bad_records_are_counted_not_fatal() -> None:

@@ -22,12 +22,13 @@ def varied(n: int, seed: int = 7) -> list[tuple[object, ...]]:
     rnd = random.Random(seed)
     comms = ["curl", "", 'we"ird\\name\x01', "caf\u00e9", "\U0001f600x", "tab\there", "a" * 15]
     out = []
-    for i in range(n):
+    for _ in range(n):
         fam = rnd.choice(["ipv4", "ipv6"])
         addrs = ({"src_addr": "10.0.0.1", "dst_addr": "192.168.1.254"} if fam == "ipv4"
                  else {"src_addr": rnd.choice(["fd00::1", "::1", "::ffff:1.2.3.4"]), "dst_addr": "2001:db8::7"})
         out.append(ev(rnd.choice(["established", "data_queue", "close", "state_change"]), rnd.randint(1, 40),
-                      rnd.uniform(0, 5000), start_ms=rnd.uniform(-10, 0), family=fam, role=rnd.choice(["client", "server"]),
+                      rnd.uniform(0, 5000), start_ms=rnd.uniform(-10, 0), family=fam,
+                      role=rnd.choice(["client", "server"]),
                       pid=rnd.choice([0, 1, 4_000_000]), comm=rnd.choice(comms), bytes_sent=rnd.randint(0, 2**40),
                       bytes_received=rnd.randint(0, 9), flags=rnd.choice([0, 1, FLAG_SYN, FLAG_SYN | 4]),
                       src_port=rnd.randint(1, 65535), **addrs))

@@ -34,7 +34,7 @@ class CoreCollector(Collector):
             ("conn_tracer_connections_open", "Open connections in the table", table.open_count),
             ("conn_tracer_connections_closed_kept", "Closed connections held in history", table.closed_count),
             ("conn_tracer_subscribers", "WebSocket subscribers connected", len(hub.subscribers)),
-            ("conn_tracer_replay_events_held", "Events held in the replay buffer", len(hub.replay)),
+            ("conn_tracer_replay_events_held", "Events held in the replay buffer", hub.held),
             ("conn_tracer_seq", "Seq of the latest event", hub.seq),
             ("conn_tracer_up", "1 while the tracer is attached and reading", int(core.healthy()[0])),
         )

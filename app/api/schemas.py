@@ -10,7 +10,7 @@ class SubscriberStats(BaseModel):
 
     id: int = Field(description="subscriber number, in order of connection")
     filter: str = Field(description="its query filter, as given")
-    queued: int = Field(description="events waiting in its bounded queue now")
+    queued: int = Field(description="events published that it has not looked at yet (at most subscriber_queue_events)")
     delivered: int = Field(description="messages handed to its connection")
     dropped: int = Field(description="events dropped because it was too slow")
 

@@ -200,8 +200,8 @@ TRACER_OFFSETS: tuple[tuple[str, str, str], ...] = (
 
 
 # The fields tracer.c takes from one read of the start of struct sock, with their sizes.
-SK_HEAD_FIELDS = {"OFF_SKC_DADDR": 4, "OFF_SKC_RCV_SADDR": 4, "OFF_SKC_DPORT": 2, "OFF_SKC_FAMILY": 2, "OFF_SKC_STATE": 1,
-                  "OFF_SKC_V6_DADDR": 16, "OFF_SKC_V6_RCV_SADDR": 16, "OFF_SK_FLAGS": 8}
+SK_HEAD_FIELDS = {"OFF_SKC_DADDR": 4, "OFF_SKC_RCV_SADDR": 4, "OFF_SKC_DPORT": 2, "OFF_SKC_FAMILY": 2,
+                  "OFF_SKC_STATE": 1, "OFF_SKC_V6_DADDR": 16, "OFF_SKC_V6_RCV_SADDR": 16, "OFF_SK_FLAGS": 8}
 MAX_SK_HEAD_SIZE = 256   # a stack buffer in the BPF program (512 bytes of stack in all)
 
 

@@ -21,5 +21,5 @@ async def list_events(
     """Events still held in the bounded replay buffer, oldest first."""
     hub = core.hub
     # Each event is serialised once, by whoever needs it first; join those texts.
-    body = "[" + ",".join(hub.texts(hub.events_after(after, limit))) + "]"
+    body = "[" + ",".join(hub.events_after(after, limit)) + "]"
     return Response(body, media_type="application/json")

@@ -28,11 +28,11 @@ async def stats(core: CoreDep) -> Stats:
         connections_preexisting=table.preexisting_count,
         subscribers=len(hub.subscribers),
         seq=hub.seq,
-        replay_events_held=len(hub.replay),
+        replay_events_held=hub.held,
         replay_first_seq=hub.first_seq,
         uptime_s=round(time.monotonic() - core.started_mono, 3),
         attach_mode=core.attach_mode,
-        subscriber_queues=[SubscriberStats(id=sub.id, filter=sub.label, queued=len(sub.queue), delivered=sub.delivered,
+        subscriber_queues=[SubscriberStats(id=sub.id, filter=sub.label, queued=sub.behind, delivered=sub.delivered,
                                            dropped=sub.dropped_total) for sub in hub.subscribers],
     )
 
