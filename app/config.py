@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     # User side bounds.
     max_closed_connections: int = Field(10_000, ge=0)
     replay_events: int = Field(100_000, ge=1)
-    subscriber_queue_events: int = Field(10_000, ge=1)
+    # How far a subscriber may fall behind before it loses its oldest events. A subscriber is a
+    # cursor into the replay buffer, so this costs no memory of its own; capped at replay_events.
+    subscriber_queue_events: int = Field(100_000, ge=1)
     max_open_connections: int = Field(262_144, ge=1, description="bounds the table if close events are lost")
 
     # Connections open before start-up, from sock_diag; polled to notice them closing (0 = never).

@@ -26,6 +26,10 @@ from app.models import EventWriter
 # Small batches (a quiet host) are merged into the newest chunk up to this many events, which
 # bounds the number of chunks (and so the cost of finding a seq) by replay_events / CHUNK_EVENTS.
 CHUNK_EVENTS = 256
+# JSON is kept for the newest chunks only (where subscribers read, several of them the same
+# events); older events are written again if a late reader asks. A JSON text is about as big
+# as its record: keeping it for the whole replay buffer doubled the service's memory.
+TEXT_CHUNKS = 16
 
 
 class Chunk:
@@ -36,7 +40,7 @@ class Chunk:
     def __init__(self, first_seq: int, recs: list[EventRecord]) -> None:
         self.first_seq = first_seq
         self.recs = recs
-        self.texts: list[str | None] = [None] * len(recs)
+        self.texts: list[str | None] | None = [None] * len(recs)   # None: not kept (an old chunk)
 
 
 class Subscriber:
@@ -165,11 +169,13 @@ class EventHub:
             return
         chunks = self.chunks
         last = chunks[-1] if chunks else None
-        if last is not None and len(last.recs) < self.chunk_events:
+        if last is not None and len(last.recs) < self.chunk_events and last.texts is not None:
             last.recs.extend(recs)
             last.texts.extend([None] * n)
         else:
             chunks.append(Chunk(self.seq + 1, list(recs)))
+            if len(chunks) > TEXT_CHUNKS:
+                chunks[-TEXT_CHUNKS - 1].texts = None
         self.seq += n
         self.held += n
         # Whole chunks leave once the rest still holds replay_events; a subscriber still on one
@@ -190,7 +196,8 @@ class EventHub:
         """One event."""
         self.publish_many([rec])
 
-    def segments(self, start: int, end: int) -> Iterator[tuple[list[EventRecord], list[str | None], int, int, int]]:
+    def segments(self, start: int, end: int
+                 ) -> Iterator[tuple[list[EventRecord], list[str | None] | None, int, int, int]]:
         """(recs, texts, first_seq, lo, hi) of each chunk part holding seqs start..end-1 (clipped to what is held)."""
         chunks = self.chunks
         if not chunks or start >= end:
@@ -227,15 +234,20 @@ class EventHub:
         for recs, texts, first, lo, hi in self.segments(start, start + (max_events if pred is None else max_scan)):
             if pred is None:
                 hi = min(hi, lo + max_events - len(out))
-                if None in texts[lo:hi]:
-                    texts[lo:hi] = json_many(first + lo, recs[lo:hi])
-                out.extend(texts[lo:hi])  # type: ignore[arg-type]
+                if texts is None:
+                    out.extend(json_many(first + lo, recs[lo:hi]))
+                else:
+                    if None in texts[lo:hi]:
+                        texts[lo:hi] = json_many(first + lo, recs[lo:hi])
+                    out.extend(texts[lo:hi])  # type: ignore[arg-type]
             else:
                 for j in range(lo, hi):
                     if pred(recs[j]):
-                        text = texts[j]
+                        text = texts[j] if texts is not None else None
                         if text is None:
-                            text = texts[j] = json_many(first + j, [recs[j]])[0]
+                            text = json_many(first + j, [recs[j]])[0]
+                            if texts is not None:
+                                texts[j] = text
                         out.append(text)
                         if len(out) >= max_events:
                             hi = j + 1

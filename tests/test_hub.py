@@ -168,3 +168,15 @@ def test_replay_bound_holds_with_a_subscriber_lagging_behind() -> None:
     msgs = sub.take()
     assert controls(msgs)[0]["type"] == "dropped" and seqs(msgs) == list(range(41 - 16, 41))
     assert controls(msgs)[0]["count"] + len(seqs(msgs)) == 40
+
+
+def test_old_chunks_keep_records_not_json_and_still_serve_them() -> None:
+    hub = EventHub(writer(), replay_events=100_000)
+    for b in range(40):
+        hub.publish_many([ev("data_queue", b * 300 + i, i) for i in range(300)])
+    kept = [c.texts is not None for c in hub.chunks]
+    assert kept.count(True) <= 16 and not kept[0]
+    first = hub.events_after(0, 3)            # from the oldest chunk: written again on demand
+    assert seqs(first) == [1, 2, 3] and json.loads(first[0])["conn_id"] == "c0"
+    live = hub.subscribe(after=11_990)
+    assert seqs(live.take())[:2] == [11_991, 11_992]
