@@ -497,7 +497,10 @@ def test_backpressure_slow_subscriber(tmp_path: Path) -> None:
     and not whatever else this host is doing.
     """
     churn_port = free_port()
-    service = start_service(tmp_path / "serve-bp.log", "--filter-port", str(churn_port))
+    # A bound well below the ~80,000 events of the churn (the default lets a subscriber lag the
+    # whole replay buffer, 100,000).
+    service = start_service(tmp_path / "serve-bp.log", "--filter-port", str(churn_port),
+                            "--subscriber-queue-events", "10000")
     try:
         # The slow one: a tiny receive buffer and client-side queue, so the service's own bounded
         # queue is what fills up rather than kernel socket buffers.
