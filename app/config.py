@@ -47,10 +47,12 @@ class Settings(BaseSettings):
     preexisting_refresh_s: float = Field(5.0, ge=0)
 
     # Reading the ring buffer. The kernel wakes the reader for the first record after
-    # wakeup_interval_us without a wake-up, or once wakeup_batch_records wait; while records
-    # flow, the reader also drains every drain_interval_ms (the latency bound for stragglers).
+    # wakeup_interval_us without a wake-up (wakeup_busy_interval_us while many records flow),
+    # or once wakeup_batch_records wait; while records flow, the reader also drains every
+    # drain_interval_ms (the latency bound for stragglers).
     wakeup_interval_us: int = Field(1000, ge=0, le=1_000_000)
-    wakeup_batch_records: int = Field(256, ge=1, le=1_000_000)
+    wakeup_busy_interval_us: int = Field(4000, ge=0, le=1_000_000)
+    wakeup_batch_records: int = Field(1024, ge=1, le=1_000_000)
     drain_interval_ms: float = Field(10.0, gt=0, le=1000)
     read_batch_records: int = Field(1024, ge=1, le=1_000_000, description="records handled per loop turn")
 

@@ -41,6 +41,8 @@ DATA_QUEUE_KPROBE_PROGRAM = "ct_dq_kprobe"
 TRACEPOINT_CATEGORY = "sock"
 
 CTR_LOST = 1   # tracer.c: counters[CTR_LOST]
+# A wake-up window with this many records means "busy": the next window is wakeup_busy_interval_us.
+WAKEUP_BUSY_RECORDS = 64
 
 BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_MAP_TYPE_RINGBUF = 27
@@ -190,6 +192,8 @@ def build_cflags(settings: Settings, rep: HostReport) -> list[str]:
         RINGBUF_PAGES=settings.ringbuf_pages,
         WAKEUP_INTERVAL_NS=int(settings.wakeup_interval_us * 1000),
         WAKEUP_RECORDS=settings.wakeup_batch_records,
+        WAKEUP_BUSY_INTERVAL_NS=int(settings.wakeup_busy_interval_us * 1000),
+        WAKEUP_BUSY_RECORDS=WAKEUP_BUSY_RECORDS,
         MAX_SOCKETS=settings.max_sockets,
         DATA_QUEUE_INTERVAL_NS=int(settings.data_queue_interval_ms * 1_000_000),
         FILTER_PORT=settings.filter_port,

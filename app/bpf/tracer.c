@@ -23,7 +23,7 @@
 //   STATE_EVENTS                         emit an event for every other state change too
 //   FILTER_PORT, FILTER_PID, FILTER_FAMILY  start-up filters (0 = off)
 //   RINGBUF_PAGES, MAX_SOCKETS           sizes
-//   WAKEUP_INTERVAL_NS, WAKEUP_RECORDS   when a record wakes the reader (see submit_flags)
+//   WAKEUP_*                             when a record wakes the reader (see submit_flags)
 //   EVENT_SIZE                           sizeof(struct event) as app/bpf/event.py describes it
 
 #include <uapi/linux/ptrace.h>
@@ -138,14 +138,18 @@ static __always_inline u64 next_conn_id(void) {
     return __sync_fetch_and_add(v, 1) + 1;
 }
 
-// Waking the reader costs an irq_work here and a context switch there: do it for
-// the first record after a quiet WAKEUP_INTERVAL_NS, or once WAKEUP_RECORDS were
-// written since the last wake-up; otherwise the record waits for that wake-up or
-// for the reader's own timer. (Unsynchronised across CPUs on purpose: a race
-// costs at most an extra or a later wake-up, never a record.)
+// Waking the reader costs an irq_work here and a context switch and a loop turn
+// there: do it for the first record after WAKEUP_INTERVAL_NS without a wake-up, or
+// once WAKEUP_RECORDS were written since the last one; otherwise the record waits
+// for that wake-up or for the reader's own timer. While busy (the last window held
+// at least WAKEUP_BUSY_RECORDS) the interval is WAKEUP_BUSY_INTERVAL_NS: fewer,
+// larger batches when there is a lot to read, low latency when there is little.
+// (Unsynchronised across CPUs on purpose: a race costs at most an extra or a later
+// wake-up, never a record.)
 struct wakeup_state {
     u64 last_ns;
     u64 records;
+    u64 busy;
 };
 BPF_ARRAY(wakeup, struct wakeup_state, 1);
 
@@ -154,7 +158,9 @@ static __always_inline u64 submit_flags(u64 now) {
     struct wakeup_state *w = wakeup.lookup(&k);
     if (!w)
         return 0;
-    if (now - w->last_ns >= WAKEUP_INTERVAL_NS || ++w->records >= WAKEUP_RECORDS) {
+    u64 interval = w->busy ? WAKEUP_BUSY_INTERVAL_NS : WAKEUP_INTERVAL_NS;
+    if (now - w->last_ns >= interval || ++w->records >= WAKEUP_RECORDS) {
+        w->busy = w->records >= WAKEUP_BUSY_RECORDS;
         w->last_ns = now;
         w->records = 0;
         return BPF_RB_FORCE_WAKEUP;
