@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.api.core import Core, TracerFactory, default_tracer_factory
+from app.api.frames import RawSendMiddleware
 from app.api.metrics import make_registry
 from app.api.routes import connections, events, status, web, ws
 from app.config import Settings
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
     web_dir = settings.web_dir or DEFAULT_WEB_DIR
     app.state.web_dir = web_dir
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_middleware(RawSendMiddleware)
     for r in (connections.router, events.router, status.router, ws.router, web.router):
         app.include_router(r)
     if web_dir.is_dir():
