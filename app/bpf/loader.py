@@ -248,7 +248,9 @@ class RingReader:
     headers are checked in bulk; only a busy (reserved, not yet committed) or
     discarded record sends the read down the record-by-record path.
     Layout (kernel/bpf/ringbuf.c): page 0 consumer_pos (read-write), page 1
-    producer_pos, then the data area mapped twice.
+    producer_pos, then the data area, which the kernel lets us map twice so that a record
+    never wraps; we map it once (a page mapped twice counts twice in RSS) and join the two
+    parts of the rare span that wraps.
     """
 
     BUSY = 1 << 31
@@ -260,12 +262,12 @@ class RingReader:
             raise TracerError(f"ring buffer size {data_size} is not a power of two")
         page = mmap.PAGESIZE
         self._cons_map = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._prod_map = mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._prod_map = mmap.mmap(map_fd, page + data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         # 8-byte typed views: each position is read and written with one aligned access.
         self._cons = memoryview(self._cons_map)[:8].cast("Q")
         prod = memoryview(self._prod_map)
         self._prod = prod[:8].cast("Q")
-        self._data = prod[page:page + 2 * data_size]
+        self._data = prod[page:page + data_size]
         self._mask = data_size - 1
         self._data_size = data_size
         self.bad_records = 0
@@ -277,13 +279,20 @@ class RingReader:
         stride = FRAME.size
         n = min((prod - cons) // stride, max_records, self._data_size // stride)
         if n > 0:
-            span = self._data[(off := cons & self._mask):off + n * stride]
+            span = self._span(cons & self._mask, n * stride)
             # A committed record's header is its length with no flag bits set.
             if span.cast("I")[::stride // 4].tolist().count(RECORD.size) == n:
                 frames = span.tobytes()
                 self._cons[0] = cons + n * stride
                 return frames, n
         return self._read_slow(cons, prod, max_records) if prod > cons else (b"", 0)
+
+    def _span(self, off: int, size: int) -> memoryview:
+        """`size` bytes of the data area from `off`, joined across its end if they wrap."""
+        end = off + size
+        if end <= self._data_size:
+            return self._data[off:end]
+        return memoryview(self._data[off:].tobytes() + self._data[:end - self._data_size].tobytes())
 
     def _read_slow(self, cons: int, prod: int, max_records: int) -> tuple[bytes, int]:
         """Record by record: stops at the first busy one, skips discarded and foreign-sized ones."""
@@ -297,7 +306,7 @@ class RingReader:
             size = length & ~(self.BUSY | self.DISCARD)
             if not length & self.DISCARD:
                 if size == RECORD.size:
-                    keep.append(data[off:off + FRAME.size].tobytes())
+                    keep.append(self._span(off, FRAME.size).tobytes())
                 else:
                     self.bad_records += 1   # not ours to decode; counted, skipped
             cons += (size + hdr + 7) & ~7
