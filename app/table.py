@@ -104,22 +104,34 @@ class ConnectionTable:
         self._pre_keys: dict[ConnKey, int] = {}
 
     def apply_many(self, recs: list[EventRecord]) -> None:
-        """apply() each record, in order; hot path: the common case (an open connection) inlined."""
+        """apply() each record, in order. Hot path: a new connection, an update and a close are
+        inlined; the rare cases (late events, start-up twins, a full table) go through apply()."""
         op = self._open
+        cl = self._closed
         get = op.get
         move = op.move_to_end
         apply = self.apply
+        max_open = self.max_open
         for rec in recs:
-            c = get(rec[CONN_ID])
-            if c is None or rec[TYPE] == EV_CLOSE:
-                apply(rec)
+            cid = rec[CONN_ID]
+            c = get(cid)
+            if c is None:
+                if cid in cl or self._pre_keys or len(op) >= max_open or rec[TYPE] == EV_CLOSE:
+                    apply(rec)
+                else:
+                    op[cid] = ConnEntry(rec)
                 continue
-            move(rec[CONN_ID])
             c.rec = rec
             c.events += 1
             if rec[PID]:
                 c.pid = rec[PID]
                 c.comm = rec[COMM]
+            if rec[TYPE] != EV_CLOSE:
+                move(cid)
+                continue
+            c.close_ns = rec[TS_NS] or 1
+            del op[cid]
+            self._add_closed(cid, c)
 
     def apply(self, rec: EventRecord) -> None:
         """Creates or updates the connection of `rec`."""
