@@ -155,10 +155,6 @@ class Texts:
             name = self._comms[raw] = raw.split(b"\0", 1)[0].decode(errors="replace")
         return name
 
-    def ts_iso(self, mono_ns: int) -> str:
-        wall = mono_ns + self.wall_offset_ns
-        return iso_utc_parts(wall // 1_000_000_000, wall // 1000 % 1_000_000)
-
     def ts(self, mono_ns: int) -> datetime:
         wall_us = (mono_ns + self.wall_offset_ns) // 1000
         return datetime.fromtimestamp(wall_us // 1_000_000, UTC).replace(microsecond=wall_us % 1_000_000)
