@@ -115,10 +115,11 @@ async def _trace(settings: Settings, as_json: bool) -> int:
         except DecodeError:
             bad += count
             return
-        lines = []
-        for rec in recs:
-            seq += 1
-            lines.append(writer.json(seq, rec) if as_json else format_event(writer.event(seq, rec)))
+        if as_json:
+            lines = writer.json_many(seq + 1, recs)   # one call per batch
+        else:
+            lines = [format_event(writer.event(seq + 1 + i, rec)) for i, rec in enumerate(recs)]
+        seq += len(recs)
         if lines:
             out.write("\n".join(lines) + "\n")
             out.flush()

@@ -118,7 +118,7 @@ def json_str(s: str) -> str:
 
 def conn_id_text(conn_id: int) -> str:
     """The public id of a connection: c<n> as numbered by the kernel, p<n> for one found at start-up."""
-    return f"c{conn_id}" if conn_id > 0 else f"p{-conn_id}"
+    return f"c{conn_id}" if conn_id >= 0 else f"p{-conn_id}"
 
 
 def conn_id_number(text: str) -> int | None:
@@ -187,9 +187,6 @@ class EventWriter:
         if speedups is not None:
             return speedups.json_many(first_seq, recs, self.texts.wall_offset_ns, self._steady)  # type: ignore
         return self.json_many_py(first_seq, recs)
-
-    def json(self, seq: int, rec: EventRecord) -> str:
-        return self.json_many(seq, [rec])[0]
 
     def json_many_py(self, first_seq: int, recs: list[EventRecord]) -> list[str]:
         """json_many() in Python: the reference for the C helper."""

@@ -78,14 +78,14 @@ def test_frames_of_a_wrong_length_raise() -> None:
 def test_event_json_is_the_models_json(kw: dict[str, object]) -> None:
     rec = ev("data_queue", 12, **kw)  # type: ignore[arg-type]
     w = writer()
-    assert json.loads(w.json(12, rec)) == json.loads(w.event(12, rec).model_dump_json())
+    assert json.loads(w.json_many(12, [rec])[0]) == json.loads(w.event(12, rec).model_dump_json())
 
 
 def test_steady_part_follows_the_owner() -> None:
     # The fields that do not change are cached per connection, but not past a change of owner.
     w = writer()
-    first = json.loads(w.json(1, ev("established", 5, pid=0)))
-    later = json.loads(w.json(2, ev("data_queue", 5, pid=77, comm="worker")))
+    first = json.loads(w.json_many(1, [ev("established", 5, pid=0)])[0])
+    later = json.loads(w.json_many(2, [ev("data_queue", 5, pid=77, comm="worker")])[0])
     assert (first["pid"], later["pid"], later["comm"]) == (None, 77, "worker")
 
 
