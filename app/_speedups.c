@@ -1,6 +1,6 @@
-// The two per-event steps of the hot path that pure Python could not bring under budget
-// (issue 8): finishing decoded records (validity check, the syn event a record carries) and
-// writing each event's JSON (~0.9 us per event as a Python f-string).
+// The per-event steps of the hot path that pure Python could not bring under budget (issue 8):
+// decoding ring frames into records (validity check, shared objects for repeating values, the
+// syn event a record carries) and writing each event's JSON (~0.9 us per event in Python).
 //
 // Optional: setup.py builds it where a C compiler and Python headers exist. Without it,
 // app/decode.py and app/models.py do the same in Python; those are the reference, and
@@ -80,125 +80,197 @@ static PyObject *lookup_name(PyObject *names, PyObject *num) {
 
 #define FIELD(rec, f) PyTuple_GET_ITEM((rec), pos[f])
 
-// Addresses, ports, owners, namespaces and process names repeat across records: each record
-// sharing one object per distinct value instead of holding its own saves ~300 bytes per held
-// event, and the freeing of cold objects when the replay buffer and the closed-connection
-// history let old records go (profiled: ~10% of serve). Bounded; cleared when full.
-static PyObject *interned;
-#define MAX_INTERNED 65536
-
-static int intern_fields(PyObject *rec) {
-    static const int fields[] = {F_SADDR, F_DADDR, F_COMM, F_PID, F_NETNS, F_SPORT, F_DPORT};
-    if (Py_REFCNT(rec) != 1)
-        return 0;   // only a tuple nobody else holds yet may have its items swapped
-    if (!interned && !(interned = PyDict_New()))
+// Appends the syn_sent/syn_recv event a FLAG_SYN record stands for: this record's tuple, at
+// start_ns, no bytes yet, the syn type and state of its role, without FLAG_SYN.
+static int append_syn(PyObject *out, PyObject *rec, long flags, Py_ssize_t role) {
+    PyObject *syn = PyTuple_New(rec_len);
+    if (!syn)
         return -1;
-    for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
-        PyObject *v = PyTuple_GET_ITEM(rec, pos[fields[i]]);
-        PyObject *canon = PyDict_GetItemWithError(interned, v);   // borrowed
-        if (canon) {
-            if (canon != v) {
-                Py_INCREF(canon);
-                PyTuple_SET_ITEM(rec, pos[fields[i]], canon);
-                Py_DECREF(v);
-            }
-        } else {
-            if (PyErr_Occurred())
-                return -1;
-            if (PyDict_GET_SIZE(interned) >= MAX_INTERNED)
-                PyDict_Clear(interned);
-            if (PyDict_SetItem(interned, v, v))
-                return -1;
-        }
+    for (Py_ssize_t i = 0; i < rec_len; i++) {
+        PyObject *v = PyTuple_GET_ITEM(rec, i);
+        Py_INCREF(v);
+        PyTuple_SET_ITEM(syn, i, v);
     }
-    return 0;
+    PyObject *zero = PyLong_FromLong(0);
+    PyObject *fl = PyLong_FromLong(flags & ~flag_syn);
+    if (!zero || !fl) {
+        Py_XDECREF(zero);
+        Py_XDECREF(fl);
+        Py_DECREF(syn);
+        return -1;
+    }
+    struct { int f; PyObject *v; } set[] = {
+        {F_TS, FIELD(rec, F_START)}, {F_SENT, zero}, {F_RECEIVED, zero}, {F_RETRANS, zero},
+        {F_TYPE, PyTuple_GET_ITEM(syn_type_by_role, role)}, {F_STATE, PyTuple_GET_ITEM(syn_state_by_role, role)},
+        {F_OLDSTATE, zero}, {F_FLAGS, fl},
+    };
+    for (size_t i = 0; i < sizeof(set) / sizeof(set[0]); i++) {
+        PyObject *old = PyTuple_GET_ITEM(syn, pos[set[i].f]);
+        Py_INCREF(set[i].v);
+        PyTuple_SET_ITEM(syn, pos[set[i].f], set[i].v);
+        Py_DECREF(old);
+    }
+    Py_DECREF(zero);
+    Py_DECREF(fl);
+    int err = PyList_Append(out, syn);
+    Py_DECREF(syn);
+    return err;
 }
 
-// finish(unpacked, out) -> bad: appends to `out` every valid record of `unpacked` (an
-// iterable of tuples, as struct.iter_unpack yields them), each FLAG_SYN record preceded by
-// its syn event; returns how many were not valid.
-static PyObject *finish(PyObject *self, PyObject *args) {
-    PyObject *it_src, *out;
-    if (!PyArg_ParseTuple(args, "OO!", &it_src, &PyList_Type, &out) || !configured())
+// --- Decoding frames straight into records ------------------------------------------
+// struct.iter_unpack makes a new object for every field of every record; most of those
+// values repeat (addresses, ports, owners, namespaces, names). Reading the frames here
+// reuses one object per recent distinct value (direct-mapped caches, no dict lookups) and
+// allocates only what is new: the tuple, the timestamps, the connection id, the counters.
+
+enum { K_U8 = 1, K_U16 = 2, K_U32 = 4, K_U64 = 8, K_BYTES16 = 16 };
+static Py_ssize_t frame_size;
+static Py_ssize_t field_off[N_FIELDS];   // offset in a frame of the record's field i (record order)
+static int field_kind[N_FIELDS];
+
+#define INT_CACHE 4096
+static struct { unsigned long long key; PyObject *val; } int_cache[INT_CACHE];
+#define BYTES_CACHE 4096
+static struct { unsigned char key[16]; PyObject *val; } bytes_cache[BYTES_CACHE];
+
+static PyObject *configure_frames(PyObject *self, PyObject *args) {
+    PyObject *layout;
+    if (!PyArg_ParseTuple(args, "nO!", &frame_size, &PyTuple_Type, &layout) || !configured())
         return NULL;
-    PyObject *it = PyObject_GetIter(it_src);
-    if (!it)
+    if (PyTuple_GET_SIZE(layout) != rec_len || rec_len > N_FIELDS) {
+        PyErr_SetString(PyExc_ValueError, "layout must have one (offset, size) per record field");
         return NULL;
+    }
+    for (Py_ssize_t i = 0; i < rec_len; i++) {
+        Py_ssize_t off, size;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(layout, i), "nn", &off, &size))
+            return NULL;
+        if (off < 0 || off + size > frame_size || (size != 1 && size != 2 && size != 4 && size != 8 && size != 16)) {
+            PyErr_SetString(PyExc_ValueError, "bad field offset or size");
+            return NULL;
+        }
+        field_off[i] = off;
+        field_kind[i] = (int)size;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *cached_int(unsigned long long v) {
+    if (v <= 256)
+        return PyLong_FromUnsignedLongLong(v);   // CPython's own small ints
+    size_t slot = (size_t)((v * 0x9E3779B97F4A7C15ULL) >> 52) % INT_CACHE;
+    if (int_cache[slot].val && int_cache[slot].key == v) {
+        Py_INCREF(int_cache[slot].val);
+        return int_cache[slot].val;
+    }
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    if (!o)
+        return NULL;
+    Py_XSETREF(int_cache[slot].val, o);
+    Py_INCREF(o);
+    int_cache[slot].key = v;
+    return o;
+}
+
+static PyObject *cached_bytes16(const unsigned char *p) {
+    unsigned long long a, b;
+    memcpy(&a, p, 8);
+    memcpy(&b, p + 8, 8);
+    size_t slot = (size_t)(((a ^ (b * 0x9E3779B97F4A7C15ULL)) * 0xC2B2AE3D27D4EB4FULL) >> 40) % BYTES_CACHE;
+    if (bytes_cache[slot].val && memcmp(bytes_cache[slot].key, p, 16) == 0) {
+        Py_INCREF(bytes_cache[slot].val);
+        return bytes_cache[slot].val;
+    }
+    PyObject *o = PyBytes_FromStringAndSize((const char *)p, 16);
+    if (!o)
+        return NULL;
+    Py_XSETREF(bytes_cache[slot].val, o);
+    Py_INCREF(o);
+    memcpy(bytes_cache[slot].key, p, 16);
+    return o;
+}
+
+static unsigned long long read_uint(const unsigned char *p, int kind) {
+    unsigned long long v = 0;
+    memcpy(&v, p, kind);   // little-endian host (x86_64, arm64): the ring holds host order
+    return v;
+}
+
+// Fields whose values repeat: looked up in the caches. The rest are made as they come.
+static int is_repeating(Py_ssize_t i) {
+    return i == pos[F_PID] || i == pos[F_NETNS] || i == pos[F_SPORT] || i == pos[F_DPORT];
+}
+
+// decode(frames, out) -> bad: appends to `out` the record of every valid frame, each FLAG_SYN
+// record preceded by its syn event; returns how many frames were not valid.
+static PyObject *decode(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    PyObject *out;
+    if (!PyArg_ParseTuple(args, "y*O!", &buf, &PyList_Type, &out))
+        return NULL;
+    if (!configured() || frame_size <= 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "_speedups.configure_frames() was not called");
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    if (buf.len % frame_size) {
+        PyErr_SetString(PyExc_ValueError, "frames are not a whole number of records");
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
     long bad = 0;
-    PyObject *rec;
-    while ((rec = PyIter_Next(it))) {
-        if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) != rec_len || !lookup_name(type_names, FIELD(rec, F_TYPE)) ||
-            !lookup_name(state_names, FIELD(rec, F_STATE)) || !lookup_name(family_names, FIELD(rec, F_FAMILY)) ||
-            !lookup_name(role_names, FIELD(rec, F_ROLE))) {
+    const unsigned char *base = buf.buf;
+    for (Py_ssize_t f = 0; f < buf.len / frame_size; f++) {
+        const unsigned char *fr = base + f * frame_size;
+        unsigned long long type = read_uint(fr + field_off[pos[F_TYPE]], field_kind[pos[F_TYPE]]);
+        unsigned long long state = read_uint(fr + field_off[pos[F_STATE]], field_kind[pos[F_STATE]]);
+        unsigned long long family = read_uint(fr + field_off[pos[F_FAMILY]], field_kind[pos[F_FAMILY]]);
+        unsigned long long role = read_uint(fr + field_off[pos[F_ROLE]], field_kind[pos[F_ROLE]]);
+        if (type >= (unsigned long long)PyTuple_GET_SIZE(type_names) ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(type_names, type)) ||
+            state >= (unsigned long long)PyTuple_GET_SIZE(state_names) ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(state_names, state)) ||
+            family >= (unsigned long long)PyTuple_GET_SIZE(family_names) ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(family_names, family)) ||
+            role >= (unsigned long long)PyTuple_GET_SIZE(role_names) ||
+            role >= (unsigned long long)PyTuple_GET_SIZE(syn_type_by_role) ||
+            role >= (unsigned long long)PyTuple_GET_SIZE(syn_state_by_role)) {
             bad++;
-            Py_DECREF(rec);
             continue;
         }
-        if (intern_fields(rec)) {
+        PyObject *rec = PyTuple_New(rec_len);
+        if (!rec)
+            goto fail;
+        for (Py_ssize_t i = 0; i < rec_len; i++) {
+            const unsigned char *p = fr + field_off[i];
+            PyObject *v;
+            if (field_kind[i] == K_BYTES16)
+                v = cached_bytes16(p);
+            else if (is_repeating(i))
+                v = cached_int(read_uint(p, field_kind[i]));
+            else
+                v = PyLong_FromUnsignedLongLong(read_uint(p, field_kind[i]));
+            if (!v) {
+                Py_DECREF(rec);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(rec, i, v);
+        }
+        long flags = (long)read_uint(fr + field_off[pos[F_FLAGS]], field_kind[pos[F_FLAGS]]);
+        if ((flags & flag_syn) && append_syn(out, rec, flags, (Py_ssize_t)role)) {
             Py_DECREF(rec);
             goto fail;
-        }
-        long flags = PyLong_AsLong(FIELD(rec, F_FLAGS));
-        Py_ssize_t role = PyLong_AsSsize_t(FIELD(rec, F_ROLE));
-        if (PyErr_Occurred() || role >= PyTuple_GET_SIZE(syn_type_by_role) ||
-            role >= PyTuple_GET_SIZE(syn_state_by_role)) {
-            PyErr_Clear();
-            bad++;
-            Py_DECREF(rec);
-            continue;
-        }
-        if (flags & flag_syn) {
-            PyObject *syn = PyTuple_New(rec_len);
-            if (!syn) {
-                Py_DECREF(rec);
-                goto fail;
-            }
-            for (Py_ssize_t i = 0; i < rec_len; i++) {
-                PyObject *v = PyTuple_GET_ITEM(rec, i);
-                Py_INCREF(v);
-                PyTuple_SET_ITEM(syn, i, v);
-            }
-            // At start_ns, no bytes yet, the syn type and state of its role, without FLAG_SYN.
-            PyObject *zero = PyLong_FromLong(0);
-            PyObject *fl = PyLong_FromLong(flags & ~flag_syn);
-            if (!zero || !fl) {
-                Py_XDECREF(zero);
-                Py_XDECREF(fl);
-                Py_DECREF(syn);
-                Py_DECREF(rec);
-                goto fail;
-            }
-            struct { int f; PyObject *v; } set[] = {
-                {F_TS, FIELD(rec, F_START)}, {F_SENT, zero}, {F_RECEIVED, zero}, {F_RETRANS, zero},
-                {F_TYPE, PyTuple_GET_ITEM(syn_type_by_role, role)}, {F_STATE, PyTuple_GET_ITEM(syn_state_by_role, role)},
-                {F_OLDSTATE, zero}, {F_FLAGS, fl},
-            };
-            for (size_t i = 0; i < sizeof(set) / sizeof(set[0]); i++) {
-                PyObject *old = PyTuple_GET_ITEM(syn, pos[set[i].f]);
-                Py_INCREF(set[i].v);
-                PyTuple_SET_ITEM(syn, pos[set[i].f], set[i].v);
-                Py_DECREF(old);
-            }
-            Py_DECREF(zero);
-            Py_DECREF(fl);
-            int err = PyList_Append(out, syn);
-            Py_DECREF(syn);
-            if (err) {
-                Py_DECREF(rec);
-                goto fail;
-            }
         }
         int err = PyList_Append(out, rec);
         Py_DECREF(rec);
         if (err)
             goto fail;
     }
-    Py_DECREF(it);
-    if (PyErr_Occurred())
-        return NULL;
+    PyBuffer_Release(&buf);
     return PyLong_FromLong(bad);
 fail:
-    Py_DECREF(it);
+    PyBuffer_Release(&buf);
     return NULL;
 }
 
@@ -481,7 +553,8 @@ fail:
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "configure(positions, record_len, type_names, state_names, role_names, "
                                            "family_names, syn_type_by_role, syn_state_by_role, flag_syn, close_type)"},
-    {"finish", finish, METH_VARARGS, "finish(unpacked, out) -> bad: valid records into out, syn events inserted"},
+    {"configure_frames", configure_frames, METH_VARARGS, "configure_frames(frame_size, ((offset, size), ...))"},
+    {"decode", decode, METH_VARARGS, "decode(frames, out) -> bad: each valid frame's record into out, syn events inserted"},
     {"json_many", json_many, METH_VARARGS, "json_many(first_seq, recs, wall_offset_ns, steady) -> list[str]"},
     {NULL, NULL, 0, NULL},
 };

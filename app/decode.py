@@ -49,7 +49,7 @@ class Decoder:
             raise DecodeError(f"{len(frames)} bytes of frames, not a multiple of {FRAME.size}")
         if speedups is not None:
             out: list[EventRecord] = []
-            self.bad_records += speedups.finish(FRAME.iter_unpack(frames), out)
+            self.bad_records += speedups.decode(frames, out)
             return out
         return self.decode_py(frames)
 

@@ -8,6 +8,7 @@ when CONN_TRACER_PURE_PYTHON=1.
 from __future__ import annotations
 
 import os
+import struct
 from types import ModuleType
 
 from app.bpf import event
@@ -30,7 +31,20 @@ def _load() -> ModuleType | None:
     _speedups.configure(positions, len(event.RECORD_FIELDS), dense(event.EVENT_TYPE_NAMES),
                         dense(event.TCP_STATES), event.ROLE_NAMES, dense(event.FAMILY_NAMES),
                         event.SYN_TYPE_BY_ROLE, event.SYN_STATE_BY_ROLE, event.FLAG_SYN, event.EV_CLOSE)
+    _speedups.configure_frames(event.FRAME.size, frame_layout())
     return _speedups
+
+
+def frame_layout() -> tuple[tuple[int, int], ...]:
+    """(offset in a ring frame, size) of each record field, from event.FIELDS."""
+    out = []
+    codes = ""
+    for name, code in event.FIELDS:
+        off = event.RING_HEADER_SIZE + struct.calcsize("<" + codes)
+        codes += code
+        if name != "_pad":
+            out.append((off, struct.calcsize("<" + code)))
+    return tuple(out)
 
 
 speedups: ModuleType | None = _load()
