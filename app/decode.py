@@ -1,7 +1,8 @@
 """Ring-buffer frames -> internal event records. Pure: no I/O, no kernel.
 
-A batch is one C-level unpack of the frames (app/bpf/event.py); the only per-record
-Python work is a validity check and producing the syn event a record carries.
+A batch is read by the C helper (app/_speedups.c) where it is built, else by one
+struct.iter_unpack and a Python loop (the reference): a validity check per record and the
+syn event a record carries.
 """
 
 from __future__ import annotations
