@@ -60,6 +60,9 @@ class FakeSource:
     def lost_kernel(self) -> int:
         return self.lost
 
+    def bad_records(self) -> int:
+        return 0
+
     def close(self) -> None:
         self.attached = self.reading = False
 

@@ -41,6 +41,8 @@ class Source(Protocol):
 
     def lost_kernel(self) -> int: ...
 
+    def bad_records(self) -> int: ...
+
     def close(self) -> None: ...
 
 
@@ -78,6 +80,10 @@ class Core:
 
     def lost_kernel(self) -> int:
         return self.tracer.lost_kernel() if self.tracer is not None else 0
+
+    def decode_errors(self) -> int:
+        """Records that could not be decoded: a foreign size in the ring, or values the decoder rejects."""
+        return self.pipeline.decode_errors + (self.tracer.bad_records() if self.tracer is not None else 0)
 
     def healthy(self) -> tuple[bool, str | None]:
         t = self.tracer

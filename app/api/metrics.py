@@ -28,7 +28,7 @@ class CoreCollector(Collector):
         lost = CounterMetricFamily("conn_tracer_lost_events", "Events lost, per place (source)", labels=["source"])
         lost.add_metric(["kernel"], core.lost_kernel())
         lost.add_metric(["subscriber"], hub.dropped_subscribers)
-        lost.add_metric(["decode"], core.pipeline.decode_errors)
+        lost.add_metric(["decode"], core.decode_errors())
         yield lost
         gauges = (
             ("conn_tracer_connections_open", "Open connections in the table", table.open_count),

@@ -22,7 +22,7 @@ async def stats(core: CoreDep) -> Stats:
         events=hub.counts,
         lost_kernel=core.lost_kernel(),
         dropped_subscribers=hub.dropped_subscribers,
-        decode_errors=core.pipeline.decode_errors,
+        decode_errors=core.decode_errors(),
         connections_open=table.open_count,
         connections_closed_kept=table.closed_count,
         connections_preexisting=table.preexisting_count,
