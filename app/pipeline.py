@@ -36,7 +36,8 @@ class Pipeline:
             recs = self.decoder.decode(frames)
         except DecodeError:
             self.decoder.bad_records += count
-            log.warning("undecodable batch of %d records", count, exc_info=True)
+            if self.decoder.bad_records <= 10 * count:   # the first few, not a flood
+                log.warning("undecodable batch of %d records", count, exc_info=True)
             return
         try:
             self.table.apply_many(recs)
