@@ -24,6 +24,7 @@ class Pipeline:
         self.hub = hub
         self.decoder = decoder or Decoder()
         self.apply_errors = 0
+        self.bad_batches = 0
         self.records = 0
 
     @property
@@ -36,7 +37,8 @@ class Pipeline:
             recs = self.decoder.decode(frames)
         except DecodeError:
             self.decoder.bad_records += count
-            if self.decoder.bad_records <= 10 * count:   # the first few, not a flood
+            self.bad_batches += 1
+            if self.bad_batches <= 10:   # the first few, not a flood
                 log.warning("undecodable batch of %d records", count, exc_info=True)
             return
         try:
