@@ -83,18 +83,14 @@ def run_conn_tracer(ctx: Context, rnd: int, cfg: str) -> dict[str, Any]:
         res["rss_kb_idle"] = memory_kb(pid)
         for name, rate, secs in phases:
             st0, c0 = sess.stats(), cpu_s(pid)
-            with sess.poll_stats() as samples:
-                with kernel.measure(pid, ctx.bpf_stats and name == "max") as bpf:
-                    ch = ctx.churn.run(ports[name], secs, rate=rate)
-                drain_s = sess.drain(ports[name], expected_closes(ch))
+            with kernel.measure(pid, ctx.bpf_stats and name == "max") as bpf:
+                ch = ctx.churn.run(ports[name], secs, rate=rate)
+            drain_s = sess.drain(ports[name], expected_closes(ch))
             st1, c1 = sess.stats(), cpu_s(pid)
             res["phases"][name] = {
                 "port": ports[name], "churn": ch, "cpu_s": c1 - c0, "drain_s": drain_s,
                 "events_delivered": _events_total(st1) - _events_total(st0),
                 "lost_kernel": _stat_delta(st0, st1, "lost_kernel"),
-                # records read from the ring but shed because processing fell behind (user space)
-                "backlog_dropped": _stat_delta(st0, st1, "backlog_dropped"),
-                "backlog_peak": max((x.get("backlog_records", 0) for x in samples), default=0),
                 # close events that reached user space, whatever the subscriber then got; other
                 # TCP traffic on the host is in here too, so it is an upper bound.
                 "tracer_closes": _stat_delta(st0.get("events", {}), st1.get("events", {}), "close"),

@@ -60,8 +60,6 @@ def _phase(ps: list[dict[str, Any]]) -> dict[str, Any]:
         "completeness_min": min(p["completeness"] for p in ps),
         "tracer_close_ratio": med([p["tracer_close_ratio"] for p in ps]),
         "lost_kernel_max": max(p["lost_kernel"] for p in ps),
-        "backlog_dropped_max": max(p.get("backlog_dropped", 0) for p in ps),
-        "backlog_peak": max(p.get("backlog_peak", 0) for p in ps),
         "dropped_subscribers_max": max(p["dropped_subscribers"] for p in ps),
         "latency_p50_ms": med([x.get("p50") for x in lat]),
         "latency_p99_ms": med([x.get("p99") for x in lat]),
@@ -79,7 +77,7 @@ def _tracer(rs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "ws_query": rs[0].get("ws_query"), "phases": phases,
         # The table's and the targets' figures are those of the max-rate phase.
-        **{k: mx.get(k) for k in ("completeness", "completeness_min", "lost_kernel_max", "backlog_dropped_max",
+        **{k: mx.get(k) for k in ("completeness", "completeness_min", "lost_kernel_max",
                                   "dropped_subscribers_max", "events_per_conn", "cpu_us_per_event",
                                   "latency_p50_ms", "latency_p99_ms")},
         "seq_regressions_total": sum(r.get("subscriber", {}).get("seq_regressions", 0) for r in rs),
@@ -156,7 +154,6 @@ def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: di
                             "file_mb": after.get("RssFile", 0) / 1024, "rss_mb_before": before.get("VmRSS", 0) / 1024,
                             "anon_mb_before": before.get("RssAnon", 0) / 1024, "rate": rss["churn"]["rate"],
                             "completeness": rss.get("completeness"), "lost_kernel": st.get("lost_kernel"),
-                            "backlog_dropped": st.get("backlog_dropped"),
                             "dropped_subscribers": st.get("dropped_subscribers")}
     return s
 

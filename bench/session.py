@@ -108,24 +108,6 @@ class TracerSession:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             return {"error": repr(exc)}
 
-    @contextlib.contextmanager
-    def poll_stats(self, every_s: float = 0.5) -> Any:
-        """Samples /stats in a thread while the block runs; yields the list of samples."""
-        samples: list[dict[str, Any]] = []
-        done = threading.Event()
-
-        def loop() -> None:
-            while not done.wait(every_s):
-                samples.append(self.stats())
-
-        t = threading.Thread(target=loop, daemon=True)
-        t.start()
-        try:
-            yield samples
-        finally:
-            done.set()
-            t.join(10)
-
     def drain(self, port: int, expected_closes: int, timeout_s: float = 30.0) -> float:
         """Wait until the subscriber has every close for port, or nothing moves for 1.5 s."""
         assert self.sub is not None and self.serve is not None

@@ -44,10 +44,9 @@ def _phases(c: dict[str, Any]) -> list[str]:
     out = ["", "== conn-tracer by churn phase (one serve process per round; medians, worst where noted) ==",
            "  complete = closes the subscriber got / sockets closed (worst: worst round); tracer = close events "
            "that reached serve (upper bound)",
-           "  lost_k = /stats lost_kernel; shed = backlog_dropped; backlog = peak backlog_records; dropped = "
-           "dropped_subscribers; cpu = serve only"]
+           "  lost_k = /stats lost_kernel; dropped = dropped_subscribers; cpu = serve only"]
     hdr = (f"  {'config':<18} {'phase':<5} {'limit/s':>7} {'got/s':>6} {'complete':>8} {'worst':>6} {'tracer':>6} "
-           f"{'lost_k':>7} {'shed':>6} {'backlog':>7} {'dropped':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99 max':>7} "
+           f"{'lost_k':>7} {'dropped':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99 max':>7} "
            f"{'us/conn':>7} {'us/ev':>6} {'ev/conn':>7}")
     out.append(hdr)
     for cfg in TRACERS:
@@ -55,7 +54,6 @@ def _phases(c: dict[str, Any]) -> list[str]:
             out.append(f"  {cfg:<18} {name:<5} {fmt(p['rate_limit'] or None, 0):>7} {fmt(p['rate'], 0):>6} "
                        f"{fmt(p['completeness'], 4):>8} {fmt(p['completeness_min'], 3):>6} "
                        f"{fmt(p['tracer_close_ratio'], 3):>6} {fmt(p['lost_kernel_max']):>7} "
-                       f"{fmt(p['backlog_dropped_max']):>6} {fmt(p['backlog_peak']):>7} "
                        f"{fmt(p['dropped_subscribers_max']):>7} {fmt(p['latency_p50_ms'], 1):>7} "
                        f"{fmt(p['latency_p99_ms'], 1):>7} {fmt(p['latency_p99_ms_worst'], 1):>7} "
                        f"{fmt(p['cpu_us_per_conn'], 1):>7} {fmt(p['cpu_us_per_event'], 2):>6} "
@@ -123,7 +121,7 @@ def _others(s: dict[str, Any]) -> list[str]:
                    f"({r['rate']:,.0f}/s): {r['rss_mb']:.1f} MB (anon {r['anon_mb']:.1f}, file {r['file_mb']:.1f}, "
                    f"peak {r['hwm_mb']:.1f}); before {r['rss_mb_before']:.1f} MB (anon {r['anon_mb_before']:.1f}); "
                    f"completeness {fmt(r['completeness'], 4)}, lost_kernel {r['lost_kernel']}, "
-                   f"shed {r['backlog_dropped']}, dropped_subscribers {r['dropped_subscribers']}")
+                   f"dropped_subscribers {r['dropped_subscribers']}")
     return out if len(out) > 1 else []
 
 
