@@ -103,21 +103,25 @@ class ConnectionTable:
         # kernel reports the same socket too (it was opening while we attached).
         self._pre_keys: dict[ConnKey, int] = {}
 
+    def apply(self, rec: EventRecord) -> None:
+        """Creates or updates the connection of `rec`."""
+        self.apply_many([rec])
+
     def apply_many(self, recs: list[EventRecord]) -> None:
-        """apply() each record, in order. Hot path: a new connection, an update and a close are
-        inlined; the rare cases (late events, start-up twins, a full table) go through apply()."""
+        """Creates or updates the connection of each record, in order. Hot path: a new connection,
+        an update and a close are inlined; the rare first sightings go through _first_sight()."""
         op = self._open
         cl = self._closed
         get = op.get
         move = op.move_to_end
-        apply = self.apply
+        first_sight = self._first_sight
         max_open = self.max_open
         for rec in recs:
             cid = rec[CONN_ID]
             c = get(cid)
             if c is None:
                 if cid in cl or self._pre_keys or len(op) >= max_open or rec[TYPE] == EV_CLOSE:
-                    apply(rec)
+                    first_sight(rec)
                 else:
                     op[cid] = ConnEntry(rec)
                 continue
@@ -133,31 +137,23 @@ class ConnectionTable:
             del op[cid]
             self._add_closed(cid, c)
 
-    def apply(self, rec: EventRecord) -> None:
-        """Creates or updates the connection of `rec`."""
+    def _first_sight(self, rec: EventRecord) -> None:
+        """A record of a connection that is not open: a late event after its close, or a new one
+        that may have a start-up twin, may overfill the table or closes at once."""
         cid = rec[CONN_ID]
-        op = self._open
-        c = op.get(cid)
-        if c is None:
-            c = self._closed.get(cid)
-            if c is not None:
-                # A late event after close (records of two CPUs can interleave): the close
-                # record already holds the final counters.
-                c.events += 1
-                return
-            c = op[cid] = ConnEntry(rec)
-            if self._pre_keys:
-                self._drop_preexisting_twin(c)
-            if len(op) > self.max_open:
-                op.popitem(last=False)
-                self.evicted_open += 1
-        else:
-            op.move_to_end(cid)
-            c.rec = rec
+        c = self._closed.get(cid)
+        if c is not None:
+            # A late event after close (records of two CPUs can interleave): the close
+            # record already holds the final counters.
             c.events += 1
-            if rec[PID]:
-                c.pid = rec[PID]
-                c.comm = rec[COMM]
+            return
+        op = self._open
+        c = op[cid] = ConnEntry(rec)
+        if self._pre_keys:
+            self._drop_preexisting_twin(c)
+        if len(op) > self.max_open:
+            op.popitem(last=False)
+            self.evicted_open += 1
         if rec[TYPE] == EV_CLOSE:
             c.close_ns = rec[TS_NS] or 1
             del op[cid]

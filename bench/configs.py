@@ -118,6 +118,18 @@ def run_conn_tracer(ctx: Context, rnd: int, cfg: str) -> dict[str, Any]:
     return res
 
 
+def _measure_churn(ctx: Context, pid: int, port: int) -> dict[str, Any]:
+    """One max-rate churn against a consumer process: its CPU, BPF time, drain and memory."""
+    c0 = cpu_s(pid)
+    with kernel.measure(pid, ctx.bpf_stats) as bpf:
+        ch = ctx.churn.run(port, ctx.prof.churn_s)
+    # 3 s is plenty for a perf/ring buffer of a few MiB; past that the consumer is only following
+    # other TCP traffic on the host, which would be charged to it as drain CPU.
+    drain_s = wait_idle(pid, 3)
+    return {"bpf": kernel.per_connection(bpf, ch["connections"]), "drain_s": drain_s, "churn": ch,
+            "cpu_s": cpu_s(pid) - c0, "rss_kb": memory_kb(pid)}
+
+
 def run_peer(ctx: Context, rnd: int, tool: str) -> dict[str, Any]:
     """A bcc tool (tcplife-bpfcc, tcpstates-bpfcc) with its stdout to a file, as an operator runs it."""
     exe = f"/usr/sbin/{tool}-bpfcc"
@@ -134,14 +146,7 @@ def run_peer(ctx: Context, rnd: int, tool: str) -> dict[str, Any]:
                  60, f"{tool} to attach")
         wait_idle(p.pid, 5)
         res["startup_s"] = time.monotonic() - t
-        c0 = cpu_s(p.pid)
-        with kernel.measure(p.pid, ctx.bpf_stats) as bpf:
-            ch = ctx.churn.run(port, ctx.prof.churn_s)
-        res["bpf"] = kernel.per_connection(bpf, ch["connections"])
-        # 3 s is plenty for a perf/ring buffer of a few MiB; past that the tool is only following
-        # other TCP traffic on the host, which would be charged to it as drain CPU.
-        res["drain_s"] = wait_idle(p.pid, 3)
-        res.update(churn=ch, cpu_s=cpu_s(p.pid) - c0, rss_kb=memory_kb(p.pid))
+        res.update(_measure_churn(ctx, p.pid, port))
     finally:
         res["exit_rc"] = stop_bcc_tool(p)
     res.update(parse_peer(tool, out_file, p.log, port))
@@ -214,14 +219,7 @@ def run_counting(ctx: Context, rnd: int, cfg: str) -> dict[str, Any]:
         wait_for(lambda: (p.alive() or raise_(Skip(f"{script.name} exited: {p.log_tail()}"))) and "ready\n" in lines,
                  60, f"{script.name} to attach")
         port = free_port()
-        c0 = cpu_s(p.pid)
-        with kernel.measure(p.pid, ctx.bpf_stats) as bpf:
-            ch = ctx.churn.run(port, ctx.prof.churn_s)
-        res["bpf"] = kernel.per_connection(bpf, ch["connections"])
-        # 3 s is plenty for a ring buffer of a few MiB; past that the consumer is only following
-        # other TCP traffic on the host, which would be charged to it as drain CPU.
-        res["drain_s"] = wait_idle(p.pid, 3)
-        res.update(churn=ch, cpu_s=cpu_s(p.pid) - c0, rss_kb=memory_kb(p.pid))
+        res.update(_measure_churn(ctx, p.pid, port))
     finally:
         p.stop(signal.SIGINT, 15)
         reader.join(5)
