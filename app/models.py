@@ -198,11 +198,9 @@ class EventWriter:
             if hit is None or hit[0] != rec[PID] or hit[1] != rec[SPORT]:
                 hit = self._steady_json(rec)
             wall = rec[TS_NS] + offset
-            sec = wall // 1_000_000_000
-            prefix = _second_prefix.get(sec) or iso_utc_parts(sec, 0)[:-1]
-            us = wall // 1000 % 1_000_000
+            ts = iso_utc_parts(wall // 1_000_000_000, wall // 1000 % 1_000_000)
             out.append(f'{{"seq":{seq},"type":"{EVENT_TYPE_NAMES[rec[TYPE]]}",'
-                       f'"ts":"{prefix}{f".{us:06d}" if us else ""}Z","ts_ns":{rec[TS_NS]},'
+                       f'"ts":"{ts}","ts_ns":{rec[TS_NS]},'
                        f'"state":"{TCP_STATES[rec[STATE]]}","bytes_sent":{rec[BYTES_SENT]},'
                        f'"bytes_received":{rec[BYTES_RECEIVED]},"bytes_retrans":{rec[BYTES_RETRANS]},{hit[2]}')
             if rec[TYPE] == EV_CLOSE:

@@ -243,8 +243,8 @@ class RingReader:
     """Consumes a BPF ring buffer through its mmap'd pages, at most `max_records` per call.
 
     Every record tracer.c writes has the same size, so committed records sit back to
-    back, FRAME.size apart: a batch is one copy of a contiguous span (the data area is
-    mapped twice, so a span never wraps) that the decoder unpacks in one call. The
+    back, FRAME.size apart: a batch is one copy of a contiguous span that the decoder
+    unpacks in one call. The
     headers are checked in bulk; only a busy (reserved, not yet committed) or
     discarded record sends the read down the record-by-record path.
     Layout (kernel/bpf/ringbuf.c): page 0 consumer_pos (read-write), page 1
