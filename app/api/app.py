@@ -11,11 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.api.core import Core, TracerFactory, default_tracer_factory
 from app.api.frames import RawSendMiddleware
 from app.api.metrics import make_registry
 from app.api.routes import connections, events, status, web, ws
 from app.config import Settings
+from app.service import Core, TracerFactory, default_tracer_factory
 
 DEFAULT_WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 

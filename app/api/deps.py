@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request, WebSocket
 
-from app.api.core import Core
+from app.service import Core
 
 
 def get_core(request: Request) -> Core:

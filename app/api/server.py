@@ -13,8 +13,8 @@ from collections.abc import Generator
 import uvicorn
 
 from app.api.app import create_app
-from app.api.core import Core
 from app.config import Settings
+from app.service import Core
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ import contextlib
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from app.api.core import Core
 from app.api.frames import TextFrames
 from app.filters import FilterError, parse_batch, parse_filter
 from app.hub import Subscriber
+from app.service import Core
 
 router = APIRouter(tags=["events"])
 
