@@ -1,4 +1,4 @@
-"""The service lifecycle, outside the HTTP package (serve and trace reuse it). What one running service holds: settings, tracer, table, hub, pipeline, open WebSockets."""
+"""The service lifecycle, outside the HTTP package: settings, tracer, table, hub, pipeline, WebSockets."""
 
 from __future__ import annotations
 
