@@ -36,6 +36,16 @@ def _add_filters(p: argparse.ArgumentParser, *port_flags: str) -> None:
                    help="also emit a state_change event for every other TCP state change")
 
 
+def _add_nats(p: argparse.ArgumentParser, url_help: str) -> None:
+    p.add_argument("--nats", dest="nats_url", metavar="URL", help=url_help)
+    p.add_argument("--nats-subject-prefix", help="subjects are PREFIX.<host>.events (default conntracer)")
+    p.add_argument("--nats-stream", help="JetStream stream, created if missing (default CONNTRACER)")
+    p.add_argument("--nats-creds", dest="nats_creds_file", help="NATS credentials file (.creds)")
+    p.add_argument("--nats-tls-ca", help="CA certificate for NATS over TLS")
+    p.add_argument("--nats-tls-cert", help="client certificate for NATS over TLS")
+    p.add_argument("--nats-tls-key", help="client key for NATS over TLS")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conn-tracer", description="Watch every TCP connection with eBPF.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-closed-connections", type=int, help="closed connections kept in the table")
     serve.add_argument("--replay-events", type=int, help="events kept for /events and WebSocket resume")
     serve.add_argument("--subscriber-queue-events", type=int, help="events queued per WebSocket subscriber")
+    serve.add_argument("--host-name", help="this agent's name on every event and connection (default: hostname)")
+    _add_nats(serve, "export every event to NATS JetStream at this URL, e.g. nats://HOST:4222")
+    serve.add_argument("--nats-buffer-events", type=int,
+                       help="events held while NATS is unreachable; beyond, new ones are dropped and counted")
+
+    fleet = sub.add_parser("fleet", help="serve the API and dashboard over every host exporting to NATS")
+    fleet.add_argument("--host", help="bind address (default 127.0.0.1)")
+    fleet.add_argument("--port", type=int, help="bind port (default 8000)")
+    _add_nats(fleet, "the NATS server the agents export to, e.g. nats://HOST:4222")
+    fleet.add_argument("--durable", dest="fleet_durable", help="name of this fleet view's JetStream consumer")
+    fleet.add_argument("--max-closed-connections", type=int, help="closed connections kept in the table")
+    fleet.add_argument("--replay-events", type=int, help="events kept for /events and WebSocket resume")
 
     trace = sub.add_parser("trace", help="print events to stdout, one line each")
     trace.add_argument("--json", action="store_true", help="JSON lines, fields as in API.md")
@@ -60,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags override CONN_TRACER_* environment variables, which override defaults."""
     keys = ("host", "port", "filter_port", "filter_pid", "filter_family", "data_queue_interval_ms",
-            "state_events", "max_closed_connections", "replay_events", "subscriber_queue_events")
+            "state_events", "max_closed_connections", "replay_events", "subscriber_queue_events",
+            "host_name", "nats_url", "nats_subject_prefix", "nats_stream", "nats_creds_file", "nats_tls_ca",
+            "nats_tls_cert", "nats_tls_key", "nats_buffer_events", "fleet_durable")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return Settings(**overrides)
 
@@ -146,6 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return cmd_check(settings)
+        if args.command == "fleet":
+            if not settings.nats_url:
+                print("conn-tracer: fleet needs --nats nats://HOST:4222 (or CONN_TRACER_NATS_URL)", file=sys.stderr)
+                return 2
+            from app.api.server import run
+            from app.fleet import FleetCore
+
+            return run(settings, FleetCore(settings))
         if args.command == "trace":
             with contextlib.suppress(BrokenPipeError):
                 return asyncio.run(_trace(settings, args.json))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -58,3 +59,26 @@ class Settings(BaseSettings):
 
     # The dashboard's static files; None = the web/ folder next to the app package.
     web_dir: Path | None = None
+
+    # This agent's name on every event and connection (fleet views tell hosts apart by it).
+    host_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=253)
+
+    # Export to NATS JetStream (serve --nats) and the fleet view that reads it (conn-tracer fleet).
+    nats_url: str | None = Field(None, description="nats://HOST:4222 (comma-separated for a cluster); None = off")
+    nats_subject_prefix: str = Field("conntracer", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+                                     description="subjects are <prefix>.<host>.events")
+    nats_stream: str = Field("CONNTRACER", pattern=r"^[A-Za-z0-9_-]+$", description="created if missing")
+    nats_creds_file: Path | None = Field(None, description="NATS user credentials (.creds: JWT and NKey seed)")
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    # Bounds of the stream, applied when it is created (file storage): whichever is reached first.
+    nats_stream_max_age_s: float = Field(86_400.0, gt=0)
+    nats_stream_max_bytes: int = Field(1 << 30, ge=1 << 20)
+    # Events waiting for JetStream's acknowledgement (NATS slow or away); beyond it new events are
+    # dropped and counted (loss source "export").
+    nats_buffer_events: int = Field(100_000, ge=1)
+    nats_batch_events: int = Field(1000, ge=1, le=100_000, description="events per message at most")
+    nats_ack_timeout_s: float = Field(2.0, gt=0, le=60)
+    # The fleet view's consumer of the stream (one fleet view per name).
+    fleet_durable: str = Field("conntracer-fleet", pattern=r"^[A-Za-z0-9_-]+$")

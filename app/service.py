@@ -7,14 +7,19 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app import sockdiag
 from app.config import Settings
+from app.filters import Filter, Predicate
 from app.hub import EventHub
 from app.models import EventWriter, Texts
 from app.pipeline import Pipeline
 from app.table import ConnectionTable, conn_key
+
+if TYPE_CHECKING:
+    from app.export import Exporter
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,31 @@ class Core:
         self._refresh_task: asyncio.Task[None] | None = None
         self.registry: Any = None  # set by create_app
         self.start_error: BaseException | None = None
+        self.exporter: Exporter | None = None   # with settings.nats_url: every event to NATS JetStream
+
+    @property
+    def host_name(self) -> str:
+        return self.settings.host_name
+
+    def predicate(self, filt: Filter) -> Predicate | None:
+        """The test for `filt` on this service's records: one host here, so `host` keeps all or nothing."""
+        if filt.host is None:
+            return filt.predicate()
+        if filt.host != self.host_name:
+            return _never
+        return replace(filt, host=None).predicate()
+
+    def export_stats(self) -> dict[str, Any] | None:
+        """The exporter's figures, None when not exporting."""
+        return self.exporter.snapshot() if self.exporter is not None else None
+
+    def host_stats(self) -> dict[str, dict[str, Any]] | None:
+        """Per exporting host (fleet views only)."""
+        return None
+
+    def lost_export(self) -> int:
+        """Events that did not reach NATS (buffer full, or behind the hub)."""
+        return self.exporter.stats.dropped if self.exporter is not None else 0
 
     @property
     def attach_mode(self) -> str:
@@ -108,10 +138,19 @@ class Core:
             # kernel (the table drops the sock_diag twin then); never missed.
             if self.settings.preexisting:
                 self._load_preexisting()
+            if self.settings.nats_url:
+                from app.export import Exporter  # only here: nats-py is needed only when exporting
+
+                # Subscribed before the first event, so every event of this run is exported.
+                self.exporter = Exporter(self.settings, self.hub, self.host_name)
+                self.exporter.start()
             tracer.start_reading(loop, self.pipeline.on_records)
         except BaseException as exc:
             self.start_error = exc
             self.tracer = None
+            if self.exporter is not None:
+                self.exporter.cancel()
+                self.exporter = None
             tracer.close()
             raise
         # Every event allocates a record or two that live until the replay buffer lets them go: with
@@ -147,7 +186,10 @@ class Core:
     async def close_websockets(self, code: int = 1001, timeout_s: float = 3.0) -> None:
         """Asks every WebSocket handler to close with `code`, waits (bounded) until they have."""
         self.shutting_down = True
+        export_sub = self.exporter.sub if self.exporter is not None else None
         for sub in list(self.hub.subscribers):
+            if sub is export_sub:
+                continue   # it goes on until the tracer's last events are in (aclose)
             sub.close_code = code
             sub.close()
         deadline = time.monotonic() + timeout_s
@@ -167,3 +209,12 @@ class Core:
                         break
             finally:
                 self.tracer.close()
+
+    async def aclose(self) -> None:
+        """After stop(): sends what the exporter still holds (bounded) and disconnects it."""
+        if self.exporter is not None:
+            await self.exporter.stop()
+
+
+def _never(_rec: Any) -> bool:
+    return False

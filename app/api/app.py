@@ -36,10 +36,16 @@ async def _on_validation_error(_request: Request, exc: Exception) -> JSONRespons
     return JSONResponse({"detail": exc.errors(), "message": validation_message(exc)}, status_code=422)
 
 
-def create_app(settings: Settings | None = None, tracer_factory: TracerFactory = default_tracer_factory) -> FastAPI:
-    """Builds the app; the lifespan opens the tracer at start-up and closes it at shutdown."""
+def create_app(settings: Settings | None = None, tracer_factory: TracerFactory = default_tracer_factory,
+               core: Core | None = None) -> FastAPI:
+    """Builds the app; the lifespan opens the tracer at start-up and closes it at shutdown.
+
+    `core` serves an already built service instead (the fleet view: app.fleet.FleetCore).
+    """
+    if core is not None:
+        settings = core.settings
     settings = settings or Settings.model_validate({})
-    core = Core(settings, tracer_factory)
+    core = core or Core(settings, tracer_factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,6 +55,7 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
         finally:
             await core.close_websockets(1001)
             core.stop()
+            await core.aclose()
 
     app = FastAPI(title="conn-tracer", version="0.1.0", lifespan=lifespan,
                   description="Every TCP connection on this host, from eBPF: connections, events, stats.")

@@ -74,10 +74,10 @@ class _Server(uvicorn.Server):
             sys.stderr.flush()
 
 
-def run(settings: Settings) -> int:
-    """Serves until SIGINT/SIGTERM; 0 after a clean stop, 1 if the tracer could not start."""
+def run(settings: Settings, service: Core | None = None) -> int:
+    """Serves until SIGINT/SIGTERM; 0 after a clean stop, 1 if the tracer (or `core`) could not start."""
     logging.basicConfig(level=logging.WARNING, format="conn-tracer: %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    app = create_app(settings, core=service)
     core: Core = app.state.core
     # No permessage-deflate: compressing every small event costs more CPU than it saves on loopback/LAN.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, ws="websockets-sansio",

@@ -18,6 +18,7 @@ PortQ = Annotated[int | None, Query(ge=1, le=65535, description="local or remote
 PidQ = Annotated[int | None, Query(ge=1, le=2**31 - 1, description="owning process id")]
 FamilyQ = Annotated[Literal["ipv4", "ipv6"] | None, Query(description="address family")]
 RoleQ = Annotated[Literal["client", "server"] | None, Query(description="client = active open")]
+HostQ = Annotated[str | None, Query(min_length=1, max_length=253, description="only this host (fleet view)")]
 
 
 @router.get("/connections", response_model=list[Connection])
@@ -28,10 +29,11 @@ async def list_connections(
     pid: PidQ = None,
     family: FamilyQ = None,
     role: RoleQ = None,
+    host: HostQ = None,
     limit: Annotated[int, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,
 ) -> list[Connection]:
     """Connections, newest activity first; closed ones while held in the bounded history."""
-    pred = Filter(port=port, pid=pid, family=family, role=role).predicate()
+    pred = core.predicate(Filter(port=port, pid=pid, family=family, role=role, host=host))
     return core.table.query(state, pred, limit)
 
 

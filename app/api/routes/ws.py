@@ -46,7 +46,7 @@ async def ws_events(websocket: WebSocket) -> None:
     if core.shutting_down:
         await websocket.close(code=1001, reason="server shutting down")
         return
-    sub = core.hub.subscribe(filt.predicate(), after, label=str(websocket.query_params))
+    sub = core.hub.subscribe(core.predicate(filt), after, label=str(websocket.query_params))
     core.websockets.add(websocket)
     watcher = asyncio.create_task(_watch_disconnect(websocket, sub))
     frames = TextFrames(websocket)
