@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--replay-events", type=int, help="events kept for /events and WebSocket resume")
     serve.add_argument("--subscriber-queue-events", type=int, help="events queued per WebSocket subscriber")
     serve.add_argument("--host-name", help="this agent's name on every event and connection (default: hostname)")
+    serve.add_argument("--filter-netns", metavar="PATH|INODE",
+                       help="only this network namespace (in-kernel), e.g. /run/netns/NAME")
     _add_nats(serve, "export every event to NATS JetStream at this URL, e.g. nats://HOST:4222")
     serve.add_argument("--nats-buffer-events", type=int,
                        help="events held while NATS is unreachable; beyond, new ones are dropped and counted")
@@ -83,7 +85,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags override CONN_TRACER_* environment variables, which override defaults."""
     keys = ("host", "port", "filter_port", "filter_pid", "filter_family", "data_queue_interval_ms",
             "state_events", "max_closed_connections", "replay_events", "subscriber_queue_events",
-            "host_name", "nats_url", "nats_subject_prefix", "nats_stream", "nats_creds_file", "nats_tls_ca",
+            "host_name", "filter_netns", "nats_url", "nats_subject_prefix", "nats_stream", "nats_creds_file", "nats_tls_ca",
             "nats_tls_cert", "nats_tls_key", "nats_buffer_events", "fleet_durable")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return Settings(**overrides)
@@ -117,7 +119,7 @@ async def _trace(settings: Settings, as_json: bool) -> int:
     tracer = Tracer(settings)
     tracer.open()
     decoder = Decoder()
-    writer = EventWriter(Texts(time.time_ns() - time.monotonic_ns()))
+    writer = EventWriter(Texts(time.time_ns() - time.monotonic_ns(), settings.host_name))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
