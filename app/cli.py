@@ -85,8 +85,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags override CONN_TRACER_* environment variables, which override defaults."""
     keys = ("host", "port", "filter_port", "filter_pid", "filter_family", "data_queue_interval_ms",
             "state_events", "max_closed_connections", "replay_events", "subscriber_queue_events",
-            "host_name", "filter_netns", "nats_url", "nats_subject_prefix", "nats_stream", "nats_creds_file", "nats_tls_ca",
-            "nats_tls_cert", "nats_tls_key", "nats_buffer_events", "fleet_durable")
+            "host_name", "filter_netns", "nats_url", "nats_subject_prefix", "nats_stream", "nats_creds_file",
+            "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "nats_buffer_events", "fleet_durable")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return Settings(**overrides)
 

@@ -34,6 +34,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from app.bpf.event import (
+    CLOSE_REASON_NAMES,
     EVENT_TYPE_NUMBERS,
     FAMILY_NUMBERS,
     RECORD_FIELDS,
@@ -66,7 +67,8 @@ _US = timedelta(microseconds=1)
 # Record fields that an event's JSON names differently, or as a name instead of a number.
 _JSON_NAME = {"sport": "src_port", "dport": "dst_port", "saddr": "src_addr", "daddr": "dst_addr"}
 _NUMBERS: dict[str, dict[str, int]] = {"family": FAMILY_NUMBERS, "type": EVENT_TYPE_NUMBERS, "role": ROLE_NUMBERS,
-                                       "state": TCP_STATE_NUMBERS}
+                                       "state": TCP_STATE_NUMBERS,
+                                       "close_reason": {name: n for n, name in CLOSE_REASON_NAMES.items()}}
 
 
 def wall_ns(ts: str) -> int:
