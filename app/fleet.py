@@ -61,6 +61,7 @@ FAILED = frozenset({"refused", "timeout", "reset"})
 CONNECTION_FIELDS = frozenset(Connection.model_fields)
 MAX_ACK_PENDING = 256      # messages in flight to us (each up to nats_batch_events events)
 HEARTBEAT_S = 2.0          # the consumer says it is alive this often when idle
+FIRST_CONNECT_S = 3.0      # how long start-up tries to reach NATS before it gives up
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
@@ -211,6 +212,7 @@ class FleetCore(Core):
         self._positioning: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._token = uuid.uuid4().hex[:8]
+        self._last_error: str | None = None
 
     # --- what the routes ask ---------------------------------------------------------
     @property
@@ -252,10 +254,14 @@ class FleetCore(Core):
             if not url:
                 raise ValueError("no NATS server given: conn-tracer fleet --nats nats://HOST:4222")
             try:
-                self._nc = await nats.connect(**connect_options(self.settings, "conn-tracer fleet"),
-                                              reconnected_cb=self._on_reconnected, error_cb=self._on_error)
+                # nats-py retries a first connect as long as later reconnects (forever): bound it here.
+                self._nc = await asyncio.wait_for(
+                    nats.connect(**connect_options(self.settings, "conn-tracer fleet"),
+                                 reconnected_cb=self._on_reconnected, error_cb=self._on_error),
+                    FIRST_CONNECT_S)
             except Exception as exc:
-                raise RuntimeError(f"cannot reach NATS at {url} ({exc or type(exc).__name__}); "
+                why = self._last_error or str(exc) or type(exc).__name__
+                raise RuntimeError(f"cannot reach NATS at {url} ({why}); "
                                    "start nats-server -js there or fix --nats") from None
             await ensure_stream(self._nc.jetstream(), self.settings)
             await self._position()
@@ -338,7 +344,11 @@ class FleetCore(Core):
         self._reposition("reconnected to NATS")
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("fleet: NATS: %s", exc or type(exc).__name__)
+        text = str(exc) or type(exc).__name__
+        # Not while starting (start-up reports in one line), and once per distinct problem.
+        if self._nc is not None and text != self._last_error:
+            log.warning("fleet: NATS: %s", text)
+        self._last_error = text
 
     async def _watch(self) -> None:
         # A consumer that went away (deleted, NATS restarted without it) sends no heartbeats.

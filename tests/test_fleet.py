@@ -1,0 +1,329 @@
+"""Export to NATS JetStream and the fleet view, end to end: a real `nats-server -js`, two agents
+(real BPF), each filtered to its own network namespace as if it were its own host, one fleet view."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import ClientConnection
+
+from tests.exchange import Exchange, run_exchange
+from tests.netns import VethPair
+from tests.test_serve import CONN_TRACER, Service, free_port, read_until, wait_for
+
+NATS_SERVER = "nats-server"
+# The workload in one namespace: N connections from a client to a server on `addr`, a bytes one
+# way and b the other, in one process (pid printed).
+LOOP = r"""
+import json, os, socket, sys, threading
+addr, n, a, b = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+ls = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+ls.bind((addr, 0))
+ls.listen(64)
+port = ls.getsockname()[1]
+def serve():
+    for _ in range(n):
+        c, _ = ls.accept()
+        got = 0
+        while got < a:
+            got += len(c.recv(65536))
+        c.sendall(b"y" * b)
+        c.close()
+t = threading.Thread(target=serve)
+t.start()
+for _ in range(n):
+    s = socket.create_connection((addr, port), timeout=10)
+    s.sendall(b"x" * a)
+    while s.recv(65536):
+        pass
+    s.close()
+t.join()
+print(json.dumps({"pid": os.getpid(), "port": port}), flush=True)
+"""
+# One connect that the peer refuses (nothing listens there); prints the local port it had.
+REFUSED = r"""
+import json, os, socket, sys
+s = socket.socket()
+s.bind((sys.argv[1], 0))
+port = s.getsockname()[1]
+try:
+    s.connect((sys.argv[2], int(sys.argv[3])))
+except ConnectionRefusedError:
+    print(json.dumps({"pid": os.getpid(), "port": port}), flush=True)
+"""
+
+
+class Nats:
+    """A `nats-server -js` on a free loopback port with a store of its own; killed and restarted at will."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port),
+                                      "-sd", str(self.store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._ready, 10, "nats-server accepting connections")
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"nats-server exited with {self.proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                return s.recv(4) == b"INFO"
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def start(log: Path, *args: str) -> Service:
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(CONN_TRACER), *args, "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT)
+    svc = Service(proc, port, log)
+    try:
+        wait_for(svc.healthy, 30, f"/healthz 200 from {args[0]}", interval=0.1)
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
+
+
+@dataclass
+class Fleet:
+    nats: Nats
+    net: VethPair
+    a: Service
+    b: Service
+    view: Service
+    tmp: Path
+    durable: str
+
+    def start_view(self) -> Service:
+        return start(self.tmp / "fleet.log", "fleet", "--nats", self.nats.url, "--durable", self.durable)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("fleet")
+    nats = Nats(tmp / "store")
+    nats.start()
+    started: list[Service] = []
+    try:
+        with VethPair() as net:
+            # hostB's buffer is small on purpose: the outage test overflows it.
+            for name, ns, extra in (("hostA", net.ns_a, []), ("hostB", net.ns_b, ["--nats-buffer-events", "20"])):
+                started.append(start(tmp / f"{name}.log", "serve", "--nats", nats.url, "--host-name", name,
+                                     "--filter-netns", f"/run/netns/{ns}", *extra))
+            durable = f"test-{os.getpid()}"
+            view = start(tmp / "fleet.log", "fleet", "--nats", nats.url, "--durable", durable)
+            started.append(view)
+            f = Fleet(nats, net, started[0], started[1], view, tmp, durable)
+            yield f
+            if f.view not in started:
+                started.append(f.view)   # the restart test replaced it
+    finally:
+        for svc in started:
+            svc.stop()
+        nats.kill()
+
+
+def netns_inode(ns: str) -> int:
+    return os.stat(f"/run/netns/{ns}").st_ino
+
+
+def run_in(net: VethPair, ns: str, code: str, *args: object) -> dict[str, Any]:
+    p = net.run_in(ns, [sys.executable, "-c", code, *map(str, args)], stdin=subprocess.DEVNULL)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and out.strip(), err
+    return json.loads(out.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def ws(svc: Service, query: str = "") -> ClientConnection:
+    return svc.ws(query)
+
+
+def side(c: dict[str, Any]) -> tuple[str, str, int, str, int]:
+    return (c["role"], c["src_addr"], c["src_port"], c["dst_addr"], c["dst_port"])
+
+
+def exported_all(svc: Service) -> bool:
+    """Everything this agent's hub published has been acknowledged by JetStream or counted as dropped."""
+    s = svc.json("/stats")
+    e = s["export"]
+    return bool(e["buffered"] == 0 and e["acknowledged"] + e["dropped"] == s["seq"])
+
+
+def fleet_events(view: Service, host: str) -> list[dict[str, Any]]:
+    evs: list[dict[str, Any]] = view.json("/events", host=host, limit=1_000_000)
+    assert all(e["host"] == host and e["conn_id"].startswith(f"{host}:") for e in evs)
+    return evs
+
+
+def received_all(view: Service, host: str, agent: Service) -> bool:
+    """The fleet view holds this host's last event (so everything before it, in stream order)."""
+    s = agent.json("/stats")
+    evs = view.json("/events", host=host, limit=1_000_000)
+    return bool(evs) and evs[-1]["host_seq"] == s["seq"]
+
+
+@pytest.mark.bpf
+def test_fleet_view_attributes_each_hosts_connections(fleet: Fleet) -> None:
+    """IPv4 and IPv6 across the two hosts and a refused connect: right host, tuples, pids, exact bytes."""
+    net, view = fleet.net, fleet.view
+    with ws(view) as every, ws(view, "host=hostB") as only_b:
+        ex4 = run_exchange(net.addr_a4, 1234, 5678, net=net, client_ns=net.ns_b, server_ns=net.ns_a)
+        ex6 = run_exchange(net.addr_b6, 2345, 3456, net=net, client_ns=net.ns_a, server_ns=net.ns_b)
+        refused = run_in(net, net.ns_a, REFUSED, net.addr_a4, net.addr_b4, 9)
+
+        def on_a(ex: Exchange, role: str) -> tuple[str, str, int, str, int]:
+            if role == "server":
+                return ("server", ex.server_addr, ex.server_port, ex.client_addr, ex.client_port)
+            return ("client", ex.client_addr, ex.client_port, ex.server_addr, ex.server_port)
+
+        want = {
+            "hostA": {on_a(ex4, "server"): (ex4.server_pid, 5678, 1234, "normal"),
+                      on_a(ex6, "client"): (ex6.client_pid, 2345, 3456, "normal"),
+                      ("client", net.addr_a4, refused["port"], net.addr_b4, 9): (refused["pid"], 0, 0, "refused")},
+            "hostB": {on_a(ex4, "client"): (ex4.client_pid, 1234, 5678, "normal"),
+                      on_a(ex6, "server"): (ex6.server_pid, 3456, 2345, "normal")},
+        }
+
+        def closed(host: str) -> dict[tuple[str, str, int, str, int], dict[str, Any]] | None:
+            got = {side(c): c for c in view.json("/connections", host=host, state="closed")}
+            return got if all(k in got for k in want[host]) else None
+
+        for host, netns in (("hostA", netns_inode(net.ns_a)), ("hostB", netns_inode(net.ns_b))):
+            got = wait_for(lambda h=host: closed(h), 20, f"{host}'s connections in the fleet view")
+            # Nothing of the other host here: every connection listed for this host is one of its own.
+            assert set(got) == set(want[host]), (host, sorted(got))
+            for key, (pid, sent, received, reason) in want[host].items():
+                c = got[key]
+                assert (c["host"], c["pid"], c["bytes_sent"], c["bytes_received"], c["close_reason"], c["netns"]) == \
+                    (host, pid, sent, received, reason, netns), c
+                assert c["id"].startswith(f"{host}:")
+                assert view.json(f"/connections/{c['id']}")["id"] == c["id"]
+
+        ids = {c["id"]: h for h in want for c in view.json("/connections", host=h)}
+        evs = read_until(every, lambda k: sum(e["type"] == "close" for e in k) >= 5, 20,
+                         keep=lambda e: e.get("conn_id") in ids)
+        for e in evs:
+            assert e["host"] == ids[e["conn_id"]], e
+        assert [e["seq"] for e in evs] == sorted(e["seq"] for e in evs)
+        b_evs = read_until(only_b, lambda k: sum(e["type"] == "close" for e in k) >= 2, 20)
+        assert {e["host"] for e in b_evs} == {"hostB"}
+        assert {e["conn_id"] for e in b_evs} == {i for i, h in ids.items() if h == "hostB"}
+
+
+@pytest.mark.bpf
+def test_nats_outage_buffered_in_order_overflow_counted(fleet: Fleet) -> None:
+    """NATS killed during traffic and restarted on the same port and store: what fitted arrives in
+    order without duplicates; what did not fit (hostB's buffer of 20) is counted, on both sides."""
+    net, view = fleet.net, fleet.view
+    fleet.nats.kill()
+    # Traffic while NATS is down: each agent buffers; hostB overflows its 20 events.
+    run_in(net, net.ns_a, LOOP, net.addr_a4, 6, 100, 200)
+    run_in(net, net.ns_b, LOOP, net.addr_b6, 6, 300, 400)
+    wait_for(lambda: fleet.b.json("/stats")["export"]["dropped"] > 0, 10, "hostB's export buffer to overflow")
+    a = fleet.a.json("/stats")["export"]
+    assert a["dropped"] == 0 and a["buffered"] > 0 and not a["connected"], a
+    fleet.nats.start()
+    for agent in (fleet.a, fleet.b):
+        wait_for(lambda s=agent: exported_all(s), 20, "the agents' buffers sent")
+        assert agent.json("/stats")["export"]["reconnects"] >= 1
+    # Traffic after: hostB's gap is then in the middle of its sequence, where the fleet view sees it.
+    run_in(net, net.ns_a, LOOP, net.addr_a4, 2, 10, 20)
+    run_in(net, net.ns_b, LOOP, net.addr_b4, 2, 10, 20)
+    for agent in (fleet.a, fleet.b):
+        wait_for(lambda s=agent: exported_all(s), 20, "the agents' new events sent")
+    for host, agent in (("hostA", fleet.a), ("hostB", fleet.b)):
+        wait_for(lambda h=host, s=agent: received_all(view, h, s), 20, f"{host}'s last event in the fleet view")
+    seq_a = fleet.a.json("/stats")["seq"]
+    assert [e["host_seq"] for e in fleet_events(view, "hostA")] == list(range(1, seq_a + 1))
+    sb = fleet.b.json("/stats")
+    dropped = sb["export"]["dropped"]
+    got = [e["host_seq"] for e in fleet_events(view, "hostB")]
+    assert got == sorted(set(got)) and len(got) == sb["seq"] - dropped, (len(got), sb["seq"], dropped)
+    assert sb["lost_export"] == dropped
+    lost = {s.labels["source"]: s.value for m in text_string_to_metric_families(fleet.b.get("/metrics").text)
+            for s in m.samples if s.name == "conn_tracer_lost_events_total"}
+    assert lost["export"] == dropped
+    hosts = view.json("/stats")["hosts"]
+    assert hosts["hostB"]["lost_export"] == dropped and hosts["hostA"]["lost_export"] == 0
+    assert hosts["hostA"]["duplicates"] == 0 and hosts["hostA"]["events"] == seq_a
+
+
+@pytest.mark.bpf
+def test_fleet_view_restart_rebuilds_then_goes_on_live(fleet: Fleet) -> None:
+    """The fleet view restarted: it lists what it listed, has what happened meanwhile, and goes on
+    live with no gap and no duplicate."""
+    net = fleet.net
+    before = {c["id"]: c for c in fleet.view.json("/connections", state="closed", limit=100_000)}
+    assert before
+    assert fleet.view.stop() == 0
+    run_in(net, net.ns_a, LOOP, net.addr_a6, 2, 11, 22)   # while the fleet view is down
+    wait_for(lambda: exported_all(fleet.a), 10, "hostA's events exported")
+    fleet.view = view = fleet.start_view()
+    after = {c["id"]: c for c in view.json("/connections", state="closed", limit=100_000)}
+    keys = ("host", "role", "src_addr", "src_port", "dst_addr", "dst_port", "pid", "bytes_sent", "bytes_received",
+            "started_at", "closed_at", "close_reason")
+    for cid, c in before.items():
+        assert cid in after and {k: after[cid][k] for k in keys} == {k: c[k] for k in keys}, cid
+    with ws(view, "host=hostA") as live:
+        last = fleet_events(view, "hostA")[-1]["host_seq"]
+        done = run_in(net, net.ns_a, LOOP, net.addr_a4, 1, 5, 6)
+        evs = read_until(live, lambda k: sum(e["type"] == "close" for e in k) >= 2, 20,
+                         keep=lambda e: e.get("src_port") == done["port"] or e.get("dst_port") == done["port"])
+    seq_a = fleet.a.json("/stats")["seq"]
+    wait_for(lambda: received_all(view, "hostA", fleet.a), 10, "hostA's last event")
+    host_seqs = [e["host_seq"] for e in fleet_events(view, "hostA")]
+    assert host_seqs == list(range(1, seq_a + 1)), "a gap or a duplicate across the restart"
+    assert evs[0]["host_seq"] > last
+    assert view.json("/stats")["hosts"]["hostA"]["duplicates"] == 0
+
+
+def test_fleet_without_nats_says_so_in_one_line(tmp_path: Path) -> None:
+    """No NATS server at the URL: one line with the fix, exit 1 (no BPF or root involved)."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    p = subprocess.run([str(CONN_TRACER), "fleet", "--nats", url, "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith(f"conn-tracer: cannot reach NATS at {url}") and "nats-server -js" in lines[-1], p.stderr
+
+
+def test_signal_terms_fleet_exit_0(tmp_path: Path) -> None:
+    """SIGTERM stops a fleet view cleanly (exit 0); no root or BPF needed."""
+    nats = Nats(tmp_path / "store")
+    nats.start()
+    try:
+        view = start(tmp_path / "fleet.log", "fleet", "--nats", nats.url, "--durable", "sigterm")
+        assert view.json("/healthz")["attach_mode"] == "fleet"
+        assert view.get("/connections", host="").status_code == 422
+        view.proc.send_signal(signal.SIGTERM)
+        assert view.proc.wait(20) == 0
+        view.http.close()
+    finally:
+        nats.kill()
