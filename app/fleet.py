@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import heapq
 import json
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -148,15 +150,13 @@ class FleetTable(ConnectionTable):
             return []
         out: list[Connection] = []
         now_ns = time.time_ns()
-        # Open ones first (newest activity first), then closed ones (newest close first), as the
-        # base table orders them; merge the two by the latest event's time.
-        entries: list[ConnEntry] = []
+        # As the base table: each dict is ordered by last activity (open) or close (closed); merge them.
+        sources: list[Iterable[ConnEntry]] = []
         if state in ("open", "all"):
-            entries.extend(reversed(self._open.values()))
+            sources.append(reversed(self._open.values()))
         if state in ("closed", "all"):
-            entries.extend(reversed(self._closed.values()))
-        if state == "all":
-            entries.sort(key=lambda e: e.rec[TS_NS], reverse=True)
+            sources.append(reversed(self._closed.values()))
+        entries = heapq.merge(*sources, key=lambda e: e.rec[TS_NS], reverse=True)
         for c in entries:
             if pred is None or pred(c.rec):
                 out.append(self._model(c, now_ns))

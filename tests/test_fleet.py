@@ -18,6 +18,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import ClientConnection
 
+from app.bpf.event import CR_REFUSED
+from app.config import Settings
+from app.filters import Filter
+from app.fleet import FleetCore
+from app.models import EventWriter, Texts
+from app.service import Core
+from tests.evfactory import TEXTS, ev
 from tests.exchange import Exchange, run_exchange
 from tests.netns import VethPair
 from tests.test_serve import CONN_TRACER, Service, free_port, read_until, wait_for
@@ -334,3 +341,48 @@ def test_signal_terms_fleet_exit_0(tmp_path: Path) -> None:
         view.http.close()
     finally:
         nats.kill()
+
+
+def _message(host: str, seqs_and_recs: list[tuple[int, Any]]) -> bytes:
+    """An exported message of these events, as an agent named `host` writes it."""
+    w = EventWriter(Texts(TEXTS.wall_offset_ns, host))
+    return "\n".join(w.json_many(seq, [rec])[0] for seq, rec in seqs_and_recs).encode()
+
+
+def test_fleet_applies_batches_per_host_dedups_and_counts_gaps() -> None:
+    """The fleet view's apply path, without NATS: ids per host, duplicates dropped, holes counted."""
+    core = FleetCore(Settings(nats_url="nats://127.0.0.1:1"))
+    a1 = [(1, ev("syn_sent", 1, 0)), (2, ev("established", 1, 1)), (3, ev("close", 1, 2, bytes_sent=7))]
+    b1 = [(1, ev("syn_sent", 1, 0, role="client", dst_port=443)),
+          (2, ev("close", 1, 3, dst_port=443, close_reason=CR_REFUSED))]
+    headers = {"Conntracer-Host": "hostA", "Conntracer-Run": "r1"}
+    core.apply_message(_message("hostA", a1), headers, "conntracer.hostA.events")
+    core.apply_message(_message("hostB", b1), {**headers, "Conntracer-Host": "hostB"}, "conntracer.hostB.events")
+    # hostA's batch again (stored twice past the duplicate window), then a batch after a hole.
+    core.apply_message(_message("hostA", a1[1:]), headers, "conntracer.hostA.events")
+    core.apply_message(_message("hostA", [(6, ev("syn_sent", 2, 10))]), headers, "conntracer.hostA.events")
+    hosts = core.host_stats()
+    assert hosts is not None
+    assert {h: (v["events"], v["duplicates"], v["lost_export"], v["failures"]) for h, v in hosts.items()} == \
+        {"hostA": (4, 2, 2, 0), "hostB": (2, 0, 0, 1)}
+    a = core.table.get("hostA:c1")
+    b = core.table.get("hostB:c1")
+    assert a is not None and b is not None and core.table.get("c1") is None
+    assert (a.host, a.bytes_sent, a.state, a.events) == ("hostA", 7, "CLOSE", 3)
+    assert (b.host, b.dst_port, b.close_reason) == ("hostB", 443, "refused")
+    only_b = core.table.query("all", core.predicate(Filter(host="hostB")))
+    assert [c.id for c in only_b] == ["hostB:c1"]
+    evs = [json.loads(t) for t in core.hub.events_after(0, 100)]
+    assert [(e["seq"], e["host"], e["host_seq"], e["conn_id"]) for e in evs] == [
+        (1, "hostA", 1, "hostA:c1"), (2, "hostA", 2, "hostA:c1"), (3, "hostA", 3, "hostA:c1"),
+        (4, "hostB", 1, "hostB:c1"), (5, "hostB", 2, "hostB:c1"), (6, "hostA", 6, "hostA:c2")]
+    assert core.hub.writer.event(1, core.hub.chunks[0].recs[0]).conn_id == "hostA:c1"
+
+
+def test_agent_host_filter_is_all_or_nothing() -> None:
+    """An agent serves one host: host=<its name> keeps everything, another name nothing."""
+    core = Core(Settings(host_name="hostA"), lambda s: None)  # type: ignore[arg-type,return-value]
+    rec = ev("syn_sent", 1)
+    keep, drop = core.predicate(Filter(host="hostA", port=40001)), core.predicate(Filter(host="hostB"))
+    assert keep is not None and keep(rec) and drop is not None and not drop(rec)
+    assert core.predicate(Filter(host="hostA")) is None
