@@ -42,6 +42,10 @@ H_HOST, H_RUN, H_SEQS = "Conntracer-Host", "Conntracer-Run", "Conntracer-Seqs"
 # Resends of a batch within this window are stored once; the fleet view also drops duplicates.
 DUPLICATE_WINDOW_S = 600.0
 MAX_MESSAGE_BYTES = 512 * 1024   # under NATS's default max_payload (1 MiB)
+# After a batch, wait this long for the next one to fill (unless it is full already): fewer, bigger
+# messages. Each message costs a socket write and an acknowledgement; under churn sending as soon
+# as the last ack came made ~25-event messages and cost the agent 5.7 us/event (measured).
+LINGER_S = 0.02
 
 
 def subject_token(host: str) -> str:
@@ -259,6 +263,8 @@ class Exporter:
             self.stats.acknowledged += count
             self.stats.messages += 1
             self.stats.last_error = None
+            if len(self.buffer) < self.settings.nats_batch_events and not self._stopping:
+                await asyncio.sleep(LINGER_S)   # pacing, so that batches fill
 
     async def stop(self, timeout_s: float = 3.0) -> None:
         """Stops taking events, sends what is buffered (for at most timeout_s), closes the connection."""

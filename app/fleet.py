@@ -36,18 +36,31 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from app.bpf.event import (
+    CLOSE_REASON,
     CLOSE_REASON_NAMES,
+    COMM,
+    CONN_ID,
+    DPORT,
+    EV_SYN_RECV,
+    EV_SYN_SENT,
     EVENT_TYPE_NUMBERS,
+    FAMILY,
     FAMILY_NUMBERS,
+    NETNS,
+    PID,
     RECORD_FIELDS,
+    ROLE,
     ROLE_NUMBERS,
+    SPORT,
     START_NS,
+    STATE,
     TCP_STATE_NUMBERS,
     TS_NS,
+    TYPE,
     EventRecord,
 )
 from app.config import Settings
-from app.export import H_HOST, H_RUN, connect_options, ensure_stream, event_seq
+from app.export import H_HOST, H_RUN, connect_options, ensure_stream
 from app.filters import FLEET_HOST, Filter, Predicate
 from app.hub import EventHub
 from app.models import Connection, Event, EventWriter, Texts
@@ -65,19 +78,25 @@ MAX_ACK_PENDING = 256      # messages in flight to us (each up to nats_batch_eve
 HEARTBEAT_S = 2.0          # the consumer says it is alive this often when idle
 FIRST_CONNECT_S = 3.0      # how long start-up tries to reach NATS before it gives up
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
+_S = timedelta(seconds=1)
 
-# Record fields that an event's JSON names differently, or as a name instead of a number.
-_JSON_NAME = {"sport": "src_port", "dport": "dst_port", "saddr": "src_addr", "daddr": "dst_addr"}
-_NUMBERS: dict[str, dict[str, int]] = {"family": FAMILY_NUMBERS, "type": EVENT_TYPE_NUMBERS, "role": ROLE_NUMBERS,
-                                       "state": TCP_STATE_NUMBERS,
-                                       "close_reason": {name: n for n, name in CLOSE_REASON_NAMES.items()}}
+_ZERO = (0,) * len(RECORD_FIELDS)
+_SYN_TYPES = frozenset({EV_SYN_SENT, EV_SYN_RECV})
+_CLOSE_REASONS = {name: n for n, name in CLOSE_REASON_NAMES.items()}
+_SECONDS: dict[str, int] = {}   # "2026-11-30T22:30:23" -> its epoch second (events of one second share it)
 
 
 def wall_ns(ts: str) -> int:
-    """ISO 8601 UTC (as the agents write it) -> ns since the epoch."""
-    dt = datetime.fromisoformat(ts)
-    return (dt - _EPOCH) // _US * 1000
+    """ISO 8601 UTC as the agents write it ("...T22:30:23.123456Z", or without a fraction) -> ns since the epoch."""
+    dot = ts.find(".")
+    head = ts[:dot] if dot > 0 else ts.rstrip("Z")
+    sec = _SECONDS.get(head)
+    if sec is None:
+        if len(_SECONDS) > 64:
+            _SECONDS.clear()
+        sec = _SECONDS[head] = (datetime.fromisoformat(head).replace(tzinfo=UTC) - _EPOCH) // _S
+    us = int(ts[dot + 1:].rstrip("Z").ljust(6, "0")[:6]) if dot > 0 else 0
+    return sec * 1_000_000_000 + us * 1000
 
 
 def iso(ns: int) -> datetime:
@@ -104,26 +123,29 @@ class FleetTable(ConnectionTable):
         super().__init__(Texts(0), max_closed_connections, max_open_connections)
 
     def record(self, host: str, key: str, doc: dict[str, Any], text: str) -> EventRecord:
-        """A kernel-shaped record of one event (numbers where filters look), then HOST and TEXT."""
+        """A kernel-shaped record of one event, then HOST and TEXT: the fields that filters and the
+        table look at are set (names as numbers), the others are 0 (the text has them all)."""
         ts = wall_ns(doc["ts"])
-        known = self._lookup(key)
-        start = known.rec[START_NS] if known is not None else ts
-        out: list[Any] = []
-        for name in RECORD_FIELDS:
-            if name == "ts_ns":
-                out.append(ts)
-            elif name == "start_ns":
-                out.append(start)
-            elif name == "conn_id":
-                out.append(key)
-            elif name in _NUMBERS:
-                out.append(_NUMBERS[name].get(doc.get(name) or "", 0))
-            else:
-                v = doc.get(_JSON_NAME.get(name, name))
-                out.append(v if isinstance(v, int | str) else 0)
-        out.append(host)
-        out.append(text)
-        return tuple(out)
+        typ = EVENT_TYPE_NUMBERS.get(doc["type"], 0)
+        r: list[Any] = list(_ZERO)
+        r[TS_NS] = ts
+        if typ in _SYN_TYPES:
+            r[START_NS] = ts   # a connection's first event: its start
+        else:
+            known = self._open.get(key) or self._closed.get(key)  # type: ignore[call-overload]
+            r[START_NS] = known.rec[START_NS] if known is not None else ts
+        r[CONN_ID] = key
+        r[TYPE] = typ
+        r[PID] = doc["pid"] or 0
+        r[COMM] = doc["comm"] or ""
+        r[NETNS] = doc["netns"]
+        r[SPORT] = doc["src_port"]
+        r[DPORT] = doc["dst_port"]
+        r[FAMILY] = FAMILY_NUMBERS[doc["family"]]
+        r[ROLE] = ROLE_NUMBERS[doc["role"]]
+        r[STATE] = TCP_STATE_NUMBERS.get(doc["state"], 0)
+        r[CLOSE_REASON] = _CLOSE_REASONS.get(doc.get("close_reason") or "", 0)
+        return (*r, host, text)
 
     def _model(self, c: ConnEntry, now_ns: int) -> Connection:
         r = c.rec
@@ -176,9 +198,11 @@ class FleetTable(ConnectionTable):
 class HostState:
     """What the fleet view knows of one exporting host."""
 
-    __slots__ = ("events", "failures", "lost_export", "duplicates", "last_seen", "runs")
+    __slots__ = ("name", "plain", "events", "failures", "lost_export", "duplicates", "last_seen", "runs")
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.plain = json.dumps(name) == f'"{name}"'   # written in JSON as it is: no escapes needed
         self.events = 0
         self.failures = 0
         self.lost_export = 0
@@ -381,19 +405,22 @@ class FleetCore(Core):
     def apply_message(self, data: bytes, headers: dict[str, str], subject: str) -> None:
         """One exported batch: its events, in order, into the table and the hub (duplicates dropped)."""
         lines = data.decode(errors="replace").split("\n")
+        try:
+            docs = json.loads("[" + ",".join(lines) + "]")   # one parse for the batch
+        except ValueError:
+            docs = [_loads_or_none(line) for line in lines]
         host = headers.get(H_HOST)
         run = headers.get(H_RUN, "")
         recs: list[EventRecord] = []
         table = self.table
         assert isinstance(table, FleetTable)
-        for line in lines:
+        for line, doc in zip(lines, docs, strict=True):
             try:
-                doc = json.loads(line)
                 seq = int(doc["seq"])
                 h = host or str(doc.get("host") or subject.split(".")[-2])
                 state = self.hosts.get(h)
                 if state is None:
-                    state = self.hosts[h] = HostState()
+                    state = self.hosts[h] = HostState(h)
                 last = state.runs.get(run, 0)
                 if seq <= last:
                     state.duplicates += 1
@@ -402,7 +429,7 @@ class FleetCore(Core):
                     state.lost_export += seq - last - 1   # what its exporter could not buffer
                 state.runs[run] = seq
                 key = f"{h}:{doc['conn_id']}"
-                rec = table.record(h, key, doc, self._fleet_text(line, h, key, seq, doc))
+                rec = table.record(h, key, doc, self._fleet_text(line, state, key, seq, doc))
             except (ValueError, KeyError, TypeError):
                 self.bad_events += 1
                 continue
@@ -416,16 +443,21 @@ class FleetCore(Core):
             self.hub.publish_many(recs)
 
     @staticmethod
-    def _fleet_text(line: str, host: str, key: str, seq: int, doc: dict[str, Any]) -> str:
+    def _fleet_text(line: str, host: HostState, key: str, seq: int, doc: dict[str, Any]) -> str:
         """The event's JSON as the fleet view serves it (without the leading '{"seq":N,')."""
-        if line.startswith('{"seq":') and event_seq(line) == seq and f'"conn_id":{json.dumps(doc["conn_id"])}' in line:
+        cid = doc["conn_id"]
+        old = f'"conn_id":"{cid}"'
+        if host.plain and line.startswith(f'{{"seq":{seq},') and old in line and "host" in doc:
             # The agents' writer's own format: edit the text rather than write it all again.
-            tail = line[line.index(",", 7) + 1:].replace(f'"conn_id":{json.dumps(doc["conn_id"])}',
-                                                         f'"conn_id":{json.dumps(key)}', 1)
-            if "host" not in doc:
-                tail = f'{tail[:-1]},"host":{json.dumps(host)}}}'
+            tail = line[line.index(",", 7) + 1:].replace(old, f'"conn_id":"{key}"', 1)
             return f'"host_seq":{seq},{tail}'
         out = {k: v for k, v in doc.items() if k != "seq"}
-        out.update(conn_id=key, host=host)
+        out.update(conn_id=key, host=host.name)
         return f'"host_seq":{seq},' + json.dumps(out, separators=(",", ":"))[1:]
 
+
+def _loads_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
