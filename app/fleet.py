@@ -147,6 +147,13 @@ class FleetTable(ConnectionTable):
         r[CLOSE_REASON] = _CLOSE_REASONS.get(doc.get("close_reason") or "", 0)
         return (*r, host, text)
 
+    def _first_sight(self, rec: EventRecord) -> None:
+        if rec[TYPE] in _SYN_TYPES:
+            # An id seen closed that starts again: an agent restarted without its pinned id counter
+            # (--no-pin). A new connection, not a late event of the old one.
+            self._closed.pop(rec[CONN_ID], None)  # type: ignore[call-overload]
+        super()._first_sight(rec)
+
     def _model(self, c: ConnEntry, now_ns: int) -> Connection:
         r = c.rec
         doc = json.loads("{" + r[TEXT])

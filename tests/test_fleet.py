@@ -377,6 +377,11 @@ def test_fleet_applies_batches_per_host_dedups_and_counts_gaps() -> None:
         (1, "hostA", 1, "hostA:c1"), (2, "hostA", 2, "hostA:c1"), (3, "hostA", 3, "hostA:c1"),
         (4, "hostB", 1, "hostB:c1"), (5, "hostB", 2, "hostB:c1"), (6, "hostA", 6, "hostA:c2")]
     assert core.hub.writer.event(1, core.hub.chunks[0].recs[0]).conn_id == "hostA:c1"
+    # hostA restarted without its pins: a new run whose c1 is a new connection.
+    core.apply_message(_message("hostA", [(1, ev("syn_sent", 1, 20, src_port=50001))]),
+                       {**headers, "Conntracer-Run": "r2"}, "conntracer.hostA.events")
+    again = core.table.get("hostA:c1")
+    assert again is not None and (again.src_port, again.state, again.closed_at) == (50001, "SYN_SENT", None)
 
 
 def test_agent_host_filter_is_all_or_nothing() -> None:
