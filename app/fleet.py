@@ -234,6 +234,7 @@ class FleetCore(Core):
         self.last_stream_seq = 0      # the latest stream message applied
         self.redelivered = 0          # messages delivered again and dropped
         self.bad_events = 0           # lines that are not an event's JSON
+        self.apply_errors = 0
         self.repositions = 0
         self.caught_up = False
         self._nc: Any = None
@@ -403,7 +404,13 @@ class FleetCore(Core):
             self.redelivered += 1
         else:
             self.last_stream_seq = sseq
-            self.apply_message(msg.data, msg.headers or {}, msg.subject)
+            try:
+                self.apply_message(msg.data, msg.headers or {}, msg.subject)
+            except Exception:
+                # A bug of ours must not stop the consumer; count it, loudly (but boundedly).
+                self.apply_errors += 1
+                if self.apply_errors <= 10:
+                    log.exception("fleet: applying stream message %d failed", sseq)
         if md.num_pending == 0:
             self.caught_up = True
         with contextlib.suppress(Exception):
