@@ -75,7 +75,7 @@ class _Server(uvicorn.Server):
 
 
 def run(settings: Settings, service: Core | None = None) -> int:
-    """Serves until SIGINT/SIGTERM; 0 after a clean stop, 1 if the tracer (or `core`) could not start."""
+    """Serves until SIGINT/SIGTERM; 0 after a clean stop, 1 if the tracer (or `service`) could not start."""
     logging.basicConfig(level=logging.WARNING, format="conn-tracer: %(levelname)s %(name)s: %(message)s")
     app = create_app(settings, core=service)
     core: Core = app.state.core
