@@ -30,6 +30,7 @@ def _add_filters(p: argparse.ArgumentParser, *port_flags: str) -> None:
                    help="only connections with this port at either end (in-kernel)")
     p.add_argument("--pid", dest="filter_pid", type=int, help="only connections owned by this pid (in-kernel)")
     p.add_argument("--family", dest="filter_family", type=int, choices=(4, 6), help="only IPv4 or IPv6")
+    p.add_argument("--filter-netns", help="only this network namespace: an inode number or a path (in-kernel)")
     p.add_argument("--data-queue-interval-ms", type=float,
                    help="at most one data_queue event per connection per interval (0 = every one)")
     p.add_argument("--state-events", action="store_true", default=None,
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="bind port (default 8000)")
     _add_filters(serve, "--filter-port")
+    serve.add_argument("--instance", help="name of this agent's pinned state under /sys/fs/bpf/conn-tracer/")
+    serve.add_argument("--no-pin", dest="pin", action="store_false", default=None,
+                       help="do not pin the socket map: a restart forgets the connections being tracked")
+    serve.add_argument("--host-name", help="this agent's name on every event (default: the hostname)")
     serve.add_argument("--max-closed-connections", type=int, help="closed connections kept in the table")
     serve.add_argument("--replay-events", type=int, help="events kept for /events and WebSocket resume")
     serve.add_argument("--subscriber-queue-events", type=int, help="events queued per WebSocket subscriber")
@@ -54,14 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_filters(trace, "--port", "--filter-port")
 
     sub.add_parser("check", help="say what this host supports and which attach mode will be used")
+    cleanup = sub.add_parser("cleanup", help="remove the pinned maps an instance left under /sys/fs/bpf")
+    cleanup.add_argument("--instance", default="default", help="which instance (default: default)")
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags override CONN_TRACER_* environment variables, which override defaults."""
-    keys = ("host", "port", "filter_port", "filter_pid", "filter_family", "data_queue_interval_ms",
-            "state_events", "max_closed_connections", "replay_events", "subscriber_queue_events")
+    keys = ("host", "port", "filter_port", "filter_pid", "filter_family", "filter_netns", "host_name",
+            "data_queue_interval_ms", "state_events", "max_closed_connections", "replay_events",
+            "subscriber_queue_events", "instance", "pin")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if args.command != "serve":
+        overrides["pin"] = False   # only the long-running service keeps state across restarts
     return Settings(**overrides)
 
 
@@ -87,6 +97,21 @@ def cmd_check(settings: Settings) -> int:
         return 0
     print(f"cannot trace: {rep.first_failure()}", file=sys.stderr)
     return 1
+
+
+def cmd_cleanup(instance: str) -> int:
+    from app.bpf.pins import PinError, remove
+
+    try:
+        removed = remove(instance)
+    except (PinError, OSError) as exc:
+        print(f"conn-tracer: cleanup: {exc}", file=sys.stderr)
+        return 1
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print(f"nothing pinned for instance {instance!r}")
+    return 0
 
 
 async def _trace(settings: Settings, as_json: bool) -> int:
@@ -146,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return cmd_check(settings)
+        if args.command == "cleanup":
+            return cmd_cleanup(args.instance)
         if args.command == "trace":
             with contextlib.suppress(BrokenPipeError):
                 return asyncio.run(_trace(settings, args.json))

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     tracefs_path: Path = Path("/sys/kernel/tracing")
     debugfs_path: Path = Path("/sys/kernel/debug")
 
+    # Restart continuity: the socket map and id counter pinned under /sys/fs/bpf/conn-tracer/<instance>/.
+    pin: bool = True
+    instance: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
     # User side bounds.
     max_closed_connections: int = Field(10_000, ge=0)
     replay_events: int = Field(100_000, ge=1)

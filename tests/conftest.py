@@ -10,6 +10,10 @@ import pytest
 from app.bpf.loader import check_host
 from app.config import Settings
 
+# Services started by tests do not pin maps unless a test says so (tests/test_restart.py):
+# several run at once and would share the default instance.
+os.environ.setdefault("CONN_TRACER_PIN", "0")
+
 
 @cache
 def bpf_unavailable_reason() -> str:

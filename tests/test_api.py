@@ -57,6 +57,17 @@ class FakeSource:
     def drain(self) -> int:
         return 0
 
+    resumed = False
+
+    def tracked_sockets(self) -> list[tuple[int, tuple[object, ...]]]:
+        return []
+
+    def forget_sockets(self, keys: list[int]) -> None:
+        pass
+
+    def wall_offset(self, fresh_ns: int) -> int:
+        return fresh_ns
+
     def lost_kernel(self) -> int:
         return self.lost
 
