@@ -28,3 +28,12 @@ def _require_bpf(request: pytest.FixtureRequest) -> None:
     if os.environ.get("CONN_TRACER_REQUIRE_BPF") == "1":
         pytest.fail(f"BPF is required here (CONN_TRACER_REQUIRE_BPF=1) but unavailable: {reason}")
     pytest.skip(f"BPF unavailable: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _require_root(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("root") is None or os.geteuid() == 0:
+        return
+    if os.environ.get("CONN_TRACER_REQUIRE_BPF") == "1":
+        pytest.fail("root is required here (CONN_TRACER_REQUIRE_BPF=1): run the tests as root")
+    pytest.skip("needs root")
