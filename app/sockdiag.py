@@ -41,8 +41,8 @@ NLMSGHDR = struct.Struct("=IHHII")
 REQ_V2 = struct.Struct("=BBBxI48x")
 # inet_diag_msg: family state timer retrans | sport dport (be) src[16] dst[16] if cookie[8] |
 # expires rqueue wqueue uid inode
-DIAG_MSG = struct.Struct("=BBBB2H16s16sIQIIIII")
-DIAG_MSG_PORTS = struct.Struct("!HH")
+DIAG_MSG = struct.Struct("=BBBB4x16s16sIQIIIII")
+DIAG_MSG_PORTS = struct.Struct("!4xHH")
 RTATTR = struct.Struct("=HH")
 U64 = struct.Struct("=Q")
 U8 = struct.Struct("=B")
@@ -54,6 +54,11 @@ TCPI_BYTES_ACKED = struct.Struct("=Q"), 120     # counts the SYN (and FIN) the p
 TCPI_BYTES_RECEIVED = struct.Struct("=Q"), 128
 TCPI_BYTES_SENT = struct.Struct("=Q"), 200
 TCPI_BYTES_RETRANS = struct.Struct("=Q"), 208   # bytes_sent counts retransmissions again
+# tcpi_options at 5; at 7 delivery_rate_app_limited:1, fastopen_client_fail:2 (bit fields from the low bit).
+TCPI_OPT_TFO_CHILD = 128   # a passive open that took data in its SYN (Fast Open); since Linux 6.5
+# All of the above in one unpack (options flags | rtt rttvar | total_retrans | bytes_acked bytes_received |
+# sent retrans): parsing is most of a dump's cost (~5 us a socket), and this halves the tcp_info part.
+TCPI_ALL = struct.Struct("=5xBxB60xII24xI16xQQ64xQQ")
 
 # TCP states as the kernel numbers them.
 ST_ESTABLISHED, ST_SYN_SENT, ST_SYN_RECV = 1, 2, 3
@@ -70,6 +75,7 @@ DEFAULT_EPHEMERAL = (32768, 60999)
 
 # How a role was decided (DiagSocket.role_from), most to least certain.
 ROLE_FROM_STATE = "state"          # SYN_SENT is only ever an active open, SYN_RECV a passive one
+ROLE_FROM_TFO = "tfo"              # tcp_info marks Fast Open children and failed Fast Open connects
 ROLE_FROM_LISTENER = "listener"    # its local address and port are listened on in its namespace
 ROLE_FROM_PORTS = "ports"          # only one of its two ports is in the namespace's ephemeral range
 ROLE_FROM_DEFAULT = "default"      # nothing tells: client
@@ -98,6 +104,8 @@ class DiagSocket:
     bytes_acked: int = 0
     cgroup_id: int = 0
     v6only: bool = False
+    tcpi_options: int = 0
+    fastopen_client_fail: int = 0   # non-zero: a Fast Open connect that fell back (so an active open)
     role: int | None = None   # set by assign_roles (dump_all does)
     role_from: str = ""
 
@@ -136,9 +144,9 @@ def parse_messages(data: bytes, out: list[DiagSocket], netns: int = 0) -> bool:
 
 
 def _parse_diag(data: bytes, off: int, end: int, netns: int) -> DiagSocket:
-    (family, state, timer, _retrans, sport_raw, dport_raw, src, dst, _if, cookie,
+    (family, state, timer, _retrans, src, dst, _if, cookie,
      _expires, _rq, _wq, uid, inode) = DIAG_MSG.unpack_from(data, off)
-    sport, dport = DIAG_MSG_PORTS.unpack(struct.pack("=HH", sport_raw, dport_raw))
+    sport, dport = DIAG_MSG_PORTS.unpack_from(data, off)
     alen = 4 if family == socket.AF_INET else 16
     d = DiagSocket(family, state, socket.inet_ntop(family, src[:alen]), sport,
                    socket.inet_ntop(family, dst[:alen]), dport, inode, 0, 0, netns, uid, cookie, timer)
@@ -165,6 +173,13 @@ def _field(info: bytes, spec: tuple[struct.Struct, int]) -> int:
 
 
 def _parse_info(d: DiagSocket, info: bytes) -> None:
+    if len(info) >= TCPI_ALL.size:
+        (d.tcpi_options, flags, d.rtt_us, d.rttvar_us, d.total_retrans, d.bytes_acked, d.bytes_received, sent,
+         retrans) = TCPI_ALL.unpack_from(info)
+        d.fastopen_client_fail = (flags >> 1) & 3
+        d.bytes_sent = sent - min(sent, retrans)
+        return
+    # An older kernel's shorter tcp_info: what it has.
     d.bytes_received = _field(info, TCPI_BYTES_RECEIVED)
     sent = _field(info, TCPI_BYTES_SENT)
     d.bytes_sent = sent - min(sent, _field(info, TCPI_BYTES_RETRANS))
@@ -395,18 +410,18 @@ def _norm(addr: str) -> str:
     return addr[7:] if addr.startswith("::ffff:") and "." in addr else addr
 
 
-WILDCARDS = {"0.0.0.0", "::"}
-
 
 def assign_roles(socks: list[DiagSocket], ephemeral: dict[int, tuple[int, int]] | None = None) -> None:
     """Sets role and role_from on every socket, from what the kernel showed at dump time.
 
-    Nothing in sock_diag marks a passive open (tcp_info has TFO flags only), so in order: SYN_SENT is a
-    client and SYN_RECV a server; a socket whose local (address or wildcard, port) is listened on in its own
-    namespace is a server; else, if exactly one of its ports is in the namespace's ephemeral range, that
-    side is the client; else a client. Still wrong: a server whose listener has closed and that listened on
-    an ephemeral port (or a client that bound a fixed non-ephemeral port to talk to one), and a client
-    that bound a port someone also listens on (SO_REUSEADDR).
+    Nothing in sock_diag marks a passive open in general (not INET_DIAG_SOCKOPT, not idiag_timer; tcp_info
+    marks Fast Open ones only), so in order: SYN_SENT is a client and SYN_RECV a server; a Fast Open child
+    (TCPI_OPT_TFO_CHILD) a server and a failed Fast Open connect a client; a socket whose local (address or
+    wildcard, port) is listened on in its own namespace is a server; else, if exactly one of its ports is in
+    the namespace's ephemeral range, that side is the client; else a client. Still wrong: a server whose
+    listener has closed and that listened on an ephemeral port (or a client that bound a fixed
+    non-ephemeral port to talk to one), and a client that bound a port someone also listens on
+    (SO_REUSEADDR).
     """
     eph = ephemeral or {}
     listening: dict[tuple[int, int], set[str]] = {}
@@ -425,6 +440,10 @@ def assign_roles(socks: list[DiagSocket], ephemeral: dict[int, tuple[int, int]] 
             continue
         if d.state in (ST_SYN_RECV, ST_NEW_SYN_RECV):
             d.role, d.role_from = ROLE_SERVER, ROLE_FROM_STATE
+            continue
+        if d.tcpi_options & TCPI_OPT_TFO_CHILD or d.fastopen_client_fail:
+            d.role = ROLE_SERVER if d.tcpi_options & TCPI_OPT_TFO_CHILD else ROLE_CLIENT
+            d.role_from = ROLE_FROM_TFO
             continue
         heard = listening.get((d.netns, d.src_port))
         if heard is not None:

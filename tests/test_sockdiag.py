@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,10 @@ ls.bind((host, port))
 ls.listen(8)
 print(json.dumps({"pid": os.getpid(), "port": ls.getsockname()[1]}), flush=True)
 c, _ = ls.accept()
+got = 0
+while got < 1234:  # what the client sends first
+    got += len(c.recv(65536))
+c.sendall(b"y" * 567)
 out = {"listener": os.fstat(ls.fileno()).st_ino, "inode": os.fstat(c.fileno()).st_ino}
 if close_listener:
     ls.close()
@@ -44,6 +49,10 @@ if bind_port:
     s.bind(("", bind_port))
 if wait:
     s.connect((host, port))
+    s.sendall(b"x" * 1234)
+    got = 0
+    while got < 567:
+        got += len(s.recv(65536))
 else:
     s.setblocking(False)
     try:
@@ -66,18 +75,42 @@ print(json.dumps({"pid": os.getpid(), "inode": os.fstat(s.fileno()).st_ino}), fl
 sys.stdin.read()
 """
 
+# Two Fast Open connects on loopback: the first gets a cookie (and says its Fast Open failed), the second
+# carries data in its SYN (its accepted child is a Fast Open child). Says each socket's inode; holds.
+FAST_OPEN = r"""
+import json, os, socket, sys
+ls = socket.socket()
+ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+ls.bind(("127.0.0.1", 0))
+ls.listen()
+out, keep = [], []
+for _ in range(2):
+    c = socket.socket()
+    c.sendto(b"hello", socket.MSG_FASTOPEN, ls.getsockname())
+    a, _ = ls.accept()
+    assert a.recv(5) == b"hello"
+    keep += [a, c]
+    out.append({"client": c.fileno(), "server": a.fileno()})
+print(json.dumps([{k: os.fstat(v).st_ino for k, v in o.items()} for o in out]), flush=True)
+sys.stdin.read()
+"""
+
 DROP_PORT = 9   # SYNs to this port are dropped in ns_a
 
 root = pytest.mark.root
 
 
-def _line(p: subprocess.Popen[str]) -> dict[str, Any]:
+def _sysctl(ns: str, setting: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", setting], check=True, timeout=10)
+
+
+def _line(p: subprocess.Popen[str]) -> Any:
     assert p.stdout is not None
     line = p.stdout.readline()
     if not line:
         p.wait(5)
         raise AssertionError(f"peer exited {p.returncode}: {p.stderr.read() if p.stderr else ''}")
-    return json.loads(line)  # type: ignore[no-any-return]
+    return json.loads(line)
 
 
 def _netns_ino(name: str) -> int:
@@ -136,6 +169,8 @@ def test_sockets_in_other_namespaces(net: VethPair, family: str) -> None:
     assert (cli.netns, cli.family, cli.state, cli.src_addr, cli.src_port, cli.dst_addr, cli.dst_port) == \
         (ns_b, fam, sockdiag.ST_ESTABLISHED, b, c["port"], a, s["port"])
     assert (srv.role, srv.role_from, cli.role) == (ROLE_SERVER, sockdiag.ROLE_FROM_LISTENER, ROLE_CLIENT)
+    assert (cli.bytes_sent, cli.bytes_received, srv.bytes_sent, srv.bytes_received) == (1234, 567, 567, 1234)
+    assert cli.rtt_us > 0 and srv.rtt_us > 0 and cli.total_retrans == 0
     assert srv.cookie and cli.cookie and srv.cookie != cli.cookie
     assert _by_inode(sw.sockets, s["listener"]).state == sockdiag.ST_LISTEN
     # A mask without LISTEN: listeners are still asked for (roles need them), not returned.
@@ -166,14 +201,24 @@ def test_roles_when_ports_mislead(net: VethPair, family: str) -> None:
 @root
 def test_role_after_listener_closed(net: VethPair) -> None:
     """No listener left: the ephemeral range of each namespace tells the sides apart."""
-    subprocess.run(["ip", "netns", "exec", net.ns_b, "sysctl", "-qw", "net.ipv4.ip_local_port_range=41000 41999"],
-                   check=True, timeout=10)
+    _sysctl(net.ns_b, "net.ipv4.ip_local_port_range=41000 41999")
     s, c, _, _ = _pair(net, "ipv4", port=5001, close_listener=True)
     sw = sockdiag.sweep()
     assert sw.ephemeral[_netns_ino(net.ns_b)] == (41000, 41999) and 41000 <= c["port"] <= 41999
     srv, cli = _by_inode(sw.sockets, s["inode"]), _by_inode(sw.sockets, c["inode"])
     assert (srv.role, srv.role_from) == (ROLE_SERVER, sockdiag.ROLE_FROM_PORTS)
     assert (cli.role, cli.role_from) == (ROLE_CLIENT, sockdiag.ROLE_FROM_PORTS)
+
+
+@root
+def test_fast_open_marks(net: VethPair) -> None:
+    _sysctl(net.ns_a, "net.ipv4.tcp_fastopen=3")
+    p = net.run_in(net.ns_a, [PYTHON, "-c", FAST_OPEN])
+    first, second = _line(p)
+    socks = sockdiag.dump_netns(_netns_ino(net.ns_a))
+    cookie_miss, child = _by_inode(socks, first["client"]), _by_inode(socks, second["server"])
+    assert (cookie_miss.fastopen_client_fail, cookie_miss.role, cookie_miss.role_from) == (1, ROLE_CLIENT, "tfo")
+    assert child.tcpi_options & sockdiag.TCPI_OPT_TFO_CHILD and (child.role, child.role_from) == (ROLE_SERVER, "tfo")
 
 
 @root
@@ -282,3 +327,18 @@ def test_comm_in_records(comm: str, want: bytes) -> None:
     sock.inode = 7
     (rec,) = sockdiag.preexisting([sock], {7: (1, comm)})
     assert rec[COMM] == want.ljust(16, b"\0")
+
+
+def test_short_tcp_info() -> None:
+    """An older kernel's tcp_info (no bytes_sent): the fields it has, the others 0."""
+    info = bytearray(160)
+    struct.pack_into("=II", info, 68, 250, 40)
+    struct.pack_into("=I", info, 100, 3)
+    struct.pack_into("=QQ", info, 120, 11, 22)
+    full = bytes(info) + bytes(sockdiag.TCPI_ALL.size - 160)
+    full = full[:200] + struct.pack("=QQ", 1000, 100) + full[216:]
+    for raw, sent in ((bytes(info), 0), (full, 900)):
+        d = _sock(EST, "10.0.0.1", 1)
+        sockdiag._parse_info(d, raw)
+        assert (d.rtt_us, d.rttvar_us, d.total_retrans, d.bytes_acked, d.bytes_received, d.bytes_sent) == \
+            (250, 40, 3, 11, 22, sent)
