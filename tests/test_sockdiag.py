@@ -159,7 +159,9 @@ def _pair(net: VethPair, family: str, *, port: int = 0, close_listener: bool = F
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_sockets_in_other_namespaces(net: VethPair, family: str) -> None:
     s, c, a, b = _pair(net, family)
+    here = sockdiag.thread_netns()
     sw = sockdiag.sweep()
+    assert sockdiag.thread_netns() == here   # only the sweep's own thread moved
     ns_a, ns_b = _netns_ino(net.ns_a), _netns_ino(net.ns_b)
     assert {ns_a, ns_b, sockdiag.current_netns()} <= sw.netns_ok
     fam = socket.AF_INET if family == "ipv4" else socket.AF_INET6
