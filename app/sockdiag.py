@@ -55,7 +55,7 @@ TCPI_BYTES_RECEIVED = struct.Struct("=Q"), 128
 TCPI_BYTES_SENT = struct.Struct("=Q"), 200
 TCPI_BYTES_RETRANS = struct.Struct("=Q"), 208   # bytes_sent counts retransmissions again
 # tcpi_options at 5; at 7 delivery_rate_app_limited:1, fastopen_client_fail:2 (bit fields from the low bit).
-TCPI_OPT_TFO_CHILD = 128   # a passive open that took data in its SYN (Fast Open); since Linux 6.5
+TCPI_OPT_TFO_CHILD = 128   # a passive open made by Fast Open; recent kernels only (6.18 has it, 6.1 not)
 # All of the above in one unpack (options flags | rtt rttvar | total_retrans | bytes_acked bytes_received |
 # sent retrans): parsing is most of a dump's cost (~5 us a socket), and this halves the tcp_info part.
 TCPI_ALL = struct.Struct("=5xBxB60xII24xI16xQQ64xQQ")
@@ -408,7 +408,6 @@ def dump_netns(target: int | str, states: int = DUMP_STATES, families: tuple[int
 def _norm(addr: str) -> str:
     """IPv4-mapped IPv6 addresses as IPv4, so a dual-stack listener matches its children either way."""
     return addr[7:] if addr.startswith("::ffff:") and "." in addr else addr
-
 
 
 def assign_roles(socks: list[DiagSocket], ephemeral: dict[int, tuple[int, int]] | None = None) -> None:
