@@ -17,6 +17,7 @@ from app import sockdiag
 from app.bpf.event import COMM, NETNS, ROLE, ROLE_CLIENT, ROLE_SERVER, SPORT, STATE
 from app.models import Texts
 from app.sockdiag import DiagSocket
+from tests.conftest import require_root
 from tests.netns import PYTHON, VethPair
 
 # SERVER host port close_listener: accepts one client; says its pid, port and socket inodes; holds until stdin ends.
@@ -130,6 +131,7 @@ def _poll(fn: Callable[[], DiagSocket | None], what: str, timeout_s: float = 5.0
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[VethPair]:
+    require_root()
     with VethPair() as n:
         subprocess.run(["ip", "netns", "exec", n.ns_a, "nft", "-f", "-"], check=True, text=True, timeout=10,
                        input=f"table inet t {{\n chain in {{\n  type filter hook input priority 0;\n"
