@@ -106,6 +106,7 @@ class DiagSocket:
     v6only: bool = False
     tcpi_options: int = 0
     fastopen_client_fail: int = 0   # non-zero: a Fast Open connect that fell back (so an active open)
+    bytes_retrans: int = 0
     role: int | None = None   # set by assign_roles (dump_all does)
     role_from: str = ""
 
@@ -175,14 +176,15 @@ def _field(info: bytes, spec: tuple[struct.Struct, int]) -> int:
 def _parse_info(d: DiagSocket, info: bytes) -> None:
     if len(info) >= TCPI_ALL.size:
         (d.tcpi_options, flags, d.rtt_us, d.rttvar_us, d.total_retrans, d.bytes_acked, d.bytes_received, sent,
-         retrans) = TCPI_ALL.unpack_from(info)
+         d.bytes_retrans) = TCPI_ALL.unpack_from(info)
         d.fastopen_client_fail = (flags >> 1) & 3
-        d.bytes_sent = sent - min(sent, retrans)
+        d.bytes_sent = sent - min(sent, d.bytes_retrans)
         return
     # An older kernel's shorter tcp_info: what it has.
     d.bytes_received = _field(info, TCPI_BYTES_RECEIVED)
     sent = _field(info, TCPI_BYTES_SENT)
-    d.bytes_sent = sent - min(sent, _field(info, TCPI_BYTES_RETRANS))
+    d.bytes_retrans = _field(info, TCPI_BYTES_RETRANS)
+    d.bytes_sent = sent - min(sent, d.bytes_retrans)
     d.rtt_us = _field(info, TCPI_RTT)
     d.rttvar_us = _field(info, TCPI_RTTVAR)
     d.total_retrans = _field(info, TCPI_TOTAL_RETRANS)
@@ -585,7 +587,8 @@ def preexisting(socks: list[DiagSocket], owners: dict[int, tuple[int, str]] | No
             ts_ns=now_ns, start_ns=now_ns, conn_id=-n, bytes_sent=d.bytes_sent, bytes_received=d.bytes_received,
             pid=pid, netns=d.netns or here, saddr=_addr16(d.family, d.src_addr), daddr=_addr16(d.family, d.dst_addr),
             sport=d.src_port, dport=d.dst_port, family=4 if v4 else 6, role=role, state=d.state,
-            comm=_comm16(comm)))
+            comm=_comm16(comm), bytes_retrans=d.bytes_retrans, cgroup_id=d.cgroup_id, srtt_us=d.rtt_us,
+            rttvar_us=d.rttvar_us, retrans_segs=d.total_retrans))
         n += 1
     return out
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import secrets
 import socket
 import struct
 import subprocess
@@ -14,7 +16,8 @@ from typing import Any
 import pytest
 
 from app import sockdiag
-from app.bpf.event import COMM, NETNS, ROLE, ROLE_CLIENT, ROLE_SERVER, SPORT, STATE
+from app.bpf.event import CGROUP_ID, COMM, NETNS, ROLE, ROLE_CLIENT, ROLE_SERVER, RTTVAR_US, SPORT, SRTT_US, STATE
+from app.cgroups import cgroup2_root
 from app.models import Texts
 from app.sockdiag import DiagSocket
 from tests.conftest import require_root
@@ -187,6 +190,7 @@ def test_sockets_in_other_namespaces(net: VethPair, family: str) -> None:
     recs = {r[SPORT]: r for r in sockdiag.preexisting([srv, cli])}
     assert (recs[s["port"]][NETNS], recs[s["port"]][ROLE]) == (ns_a, ROLE_SERVER)
     assert (recs[c["port"]][NETNS], recs[c["port"]][ROLE], recs[c["port"]][STATE]) == (ns_b, ROLE_CLIENT, 1)
+    assert (recs[c["port"]][SRTT_US], recs[c["port"]][RTTVAR_US]) == (cli.rtt_us, cli.rttvar_us)
 
 
 @root
@@ -272,6 +276,32 @@ def test_owner_with_non_utf8_name() -> None:
 
 
 @root
+def test_cgroup_of_socket() -> None:
+    """INET_DIAG_CGROUP_ID is the cgroup v2 id (the directory's inode) of the process that made the socket."""
+    root = cgroup2_root()
+    if root is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    cg = root / f"ct-diag-{secrets.token_hex(3)}"
+    cg.mkdir()
+    p = subprocess.Popen([PYTHON, "-c", "import sys; sys.stdin.readline(); exec(sys.argv[1])", BAD_NAME],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        (cg / "cgroup.procs").write_text(str(p.pid))
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        got = _line(p)
+        d = _by_inode(sockdiag.dump(states=1 << sockdiag.ST_LISTEN), got["inode"])
+        assert d.cgroup_id == cg.stat().st_ino != 1
+        (rec,) = sockdiag.preexisting([dataclasses.replace(d, state=sockdiag.ST_ESTABLISHED, dst_port=1)])
+        assert rec[CGROUP_ID] == d.cgroup_id
+    finally:
+        p.kill()
+        p.communicate(timeout=5)
+        cg.rmdir()
+
+
+@root
 def test_unreadable_namespace_reported() -> None:
     sw = sockdiag.sweep(targets={1: ["/nonexistent/ns"], sockdiag.current_netns(): ["/proc/self/ns/net"]})
     assert set(sw.netns_failed) == {1} and "/nonexistent/ns" in sw.netns_failed[1]
@@ -344,5 +374,5 @@ def test_short_tcp_info() -> None:
     for raw, sent in ((bytes(info), 0), (full, 900)):
         d = _sock(EST, "10.0.0.1", 1)
         sockdiag._parse_info(d, raw)
-        assert (d.rtt_us, d.rttvar_us, d.total_retrans, d.bytes_acked, d.bytes_received, d.bytes_sent) == \
-            (250, 40, 3, 11, 22, sent)
+        assert (d.rtt_us, d.rttvar_us, d.total_retrans, d.bytes_acked, d.bytes_received, d.bytes_sent,
+                d.bytes_retrans) == (250, 40, 3, 11, 22, sent, 100 if sent else 0)
