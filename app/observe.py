@@ -35,7 +35,9 @@ FIRST_WINDOW_EVENTS = 1000   # the first /events page read backwards from the he
 MAX_WINDOW_EVENTS = 100_000
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 8.0
-RESTART_SLACK_S = 2.0        # start times (now - uptime) further apart than this mean a new run
+# Start times (now - uptime_s) further apart than this mean a new run: two requests' latency is far
+# below it, and a restart (compiling and attaching the programs) takes longer.
+RESTART_SLACK_S = 0.5
 POLICY_VIOLATION = 1008      # WS close code for a bad query parameter: reconnecting cannot help
 RECV_POLL_S = 1.0
 
@@ -303,7 +305,6 @@ class Follower:
                 self.note(f"cannot connect to {self.agent.url} ({exc}); retrying in {backoff:.1f}s")
                 backoff = self._sleep(backoff)
                 continue
-            backoff = BACKOFF_FIRST_S
             with ws:
                 try:
                     while True:
@@ -314,6 +315,7 @@ class Follower:
                                 self.out.mark_closed()
                                 return 0
                             continue
+                        backoff = BACKOFF_FIRST_S   # a working stream: the next outage starts from a short wait
                         if not self.handle(raw if isinstance(raw, str) else raw.decode()):
                             return 0
                 except ConnectionClosed as exc:
@@ -321,7 +323,9 @@ class Follower:
                     if rcvd is not None and rcvd.code == POLICY_VIOLATION:
                         raise ObserveError(f"the agent rejected the query: {rcvd.reason}") from None
                     what = f"code {rcvd.code}{', ' + rcvd.reason if rcvd.reason else ''}" if rcvd else "no close frame"
-                    self.note(f"stream closed ({what}); reconnecting after seq {self.after}")
+                    self.note(f"stream closed ({what}); reconnecting after seq {self.after} in {backoff:.1f}s")
+            # Also after a clean close: an agent shutting down accepts and closes (1001) until it is gone.
+            backoff = self._sleep(backoff)
 
     def _sleep(self, backoff: float) -> float:
         time.sleep(backoff)
