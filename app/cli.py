@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     # `serve --port` is the bind port, so its port filter is --filter-port.
     serve.add_argument("--filter-port", dest="filter_port", type=_port, metavar="PORT",
                        help="only connections with this port at either end (in-kernel)")
-    serve.add_argument("--pid", dest="filter_pid", type=_pid, help="only connections owned by this pid (in-kernel)")
+    serve.add_argument("--pid", dest="filter_pid", type=_pid, metavar="PID",
+                       help="only connections owned by this pid (in-kernel)")
     _add_family(serve, short=False)
     _add_kernel_options(serve)
     serve.add_argument("--max-closed-connections", type=int, metavar="N", help="closed connections kept in the table")
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attach the tracer and print every event, one line each: a table (default), "
                     "CSV (-s) or JSON lines (--json). -p, -P and the family filter run in the kernel; "
                     "-L and -D are applied here, on top of the kernel's either-end port filter.")
-    trace.add_argument("-p", "--pid", dest="filter_pid", type=_pid, help="only connections owned by this pid (kernel)")
+    trace.add_argument("-p", "--pid", dest="filter_pid", type=_pid, metavar="PID",
+                       help="only connections owned by this pid (kernel)")
     trace.add_argument("-P", "--port", "--filter-port", dest="filter_port", type=_port, metavar="PORT",
                        help="only connections with this port at either end (kernel)")
     trace.add_argument("-L", "--local-port", type=_port, metavar="PORT",
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     observe.add_argument("--role", choices=("client", "server"), help="client = active open, server = passive open")
     observe.add_argument("--type", dest="types", metavar="TYPES",
                          help=f"comma-separated event types ({', '.join(EVENT_TYPE_CHOICES)})")
-    _add_output_options(observe, json_flag=False)
+    _add_output_options(observe, json_flag=True)
     observe.add_argument("--token-file", type=Path, metavar="PATH",
                          help="file holding the agent's bearer token (default: $CONN_TRACER_TOKEN)")
     observe.add_argument("--timeout", type=float, default=10.0, metavar="S", help="HTTP timeout in seconds")

@@ -13,9 +13,9 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from app import __version__
+from app.api.docs import add_offline_redoc, add_ws_to_openapi
 from app.api.frames import RawSendMiddleware
 from app.api.metrics import make_registry
-from app.api.openapi_ws import add_ws_to_openapi
 from app.api.routes import connections, events, status, web, ws
 from app.config import Settings
 from app.service import Core, TracerFactory, default_tracer_factory
@@ -56,9 +56,9 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
             await core.close_websockets(1001)
             core.stop()
 
-    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the installed fastapi-offline
-    # package (under /static-offline-docs), never from a CDN.
-    app = FastAPIOffline(title="conn-tracer", version=__version__, lifespan=lifespan,
+    # FastAPIOffline: /docs loads Swagger UI from the installed fastapi-offline package (under
+    # /static-offline-docs), never from a CDN; /redoc likewise, through app/api/docs.py.
+    app = FastAPIOffline(title="conn-tracer", version=__version__, lifespan=lifespan, redoc_url=None,
                          description="Every TCP connection on this host, from eBPF: connections, events, stats. "
                                      "Live events: `WS /ws` (described under GET /ws).")
     app.state.core = core
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
     for r in (connections.router, events.router, status.router, ws.router, web.router):
         app.include_router(r)
     add_ws_to_openapi(app)
+    add_offline_redoc(app)
     if web_dir.is_dir():
         app.mount("/static", StaticFiles(directory=web_dir), name="static")
     return app

@@ -1,12 +1,25 @@
-"""WS /ws in the OpenAPI document: OpenAPI has no WebSocket operations, so it is described as its GET upgrade."""
+"""API docs that work offline: WS /ws described in OpenAPI, and ReDoc served without its CDN logo.
+
+OpenAPI has no WebSocket operations, so WS /ws is described as its GET upgrade request. Swagger UI
+(/docs) comes from fastapi-offline as it is; ReDoc 2.x draws its footer logo from its CDN whatever
+the options, so /redoc gets the same bundle with that one URL replaced by an inline image.
+"""
 
 from __future__ import annotations
 
+import functools
+from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html
+from fastapi.responses import HTMLResponse, Response
 
 from app.models import EVENT_TYPES
+
+REDOC_CDN_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+INLINE_LOGO = "data:image/svg+xml,%3Csvg xmlns=%27http://www.w3.org/2000/svg%27 width=%271%27 height=%271%27/%3E"
+OFFLINE_STATIC = "/static-offline-docs"   # where fastapi-offline mounts its files
 
 WS_DESCRIPTION = """\
 Live events over a WebSocket (this GET is the upgrade request; open it with a WebSocket client, e.g.
@@ -72,3 +85,25 @@ def add_ws_to_openapi(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+@functools.cache
+def redoc_bundle() -> bytes:
+    """fastapi-offline's ReDoc bundle with its one CDN reference made local."""
+    text = (files("fastapi_offline") / "static" / "redoc.standalone.js").read_text(encoding="utf-8")
+    return text.replace(REDOC_CDN_LOGO, INLINE_LOGO).encode()
+
+
+def add_offline_redoc(app: FastAPI, path: str = "/redoc") -> None:
+    """GET /redoc with every asset from this service."""
+
+    @app.get(f"{OFFLINE_STATIC}-redoc.js", include_in_schema=False)
+    async def redoc_js() -> Response:
+        return Response(redoc_bundle(), media_type="application/javascript",
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+    @app.get(path, include_in_schema=False)
+    async def redoc_html() -> HTMLResponse:
+        return get_redoc_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{OFFLINE_STATIC}-redoc.js", with_google_fonts=False,
+                              redoc_favicon_url=f"{OFFLINE_STATIC}/favicon.png")
