@@ -49,7 +49,7 @@ def _param(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 WS_PARAMETERS = [
     _param("port", {"type": "integer", "minimum": 1, "maximum": 65535}, "only this port at either end"),
     _param("pid", {"type": "integer", "minimum": 1}, "only connections owned by this process"),
-    _param("family", {"type": "string", "enum": ["ipv4", "ipv6"]}, "only this address family"),
+    _param("family", {"type": "string", "enum": ["ipv4", "ipv6", "4", "6"]}, "only this address family"),
     _param("role", {"type": "string", "enum": ["client", "server"]}, "client = active open, server = passive open"),
     _param("type", {"type": "string"}, f"comma-separated event types: {', '.join(EVENT_TYPES)}"),
     _param("after", {"type": "integer", "minimum": 0}, "resume: first the held events with a larger seq, then live"),
