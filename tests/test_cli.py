@@ -284,7 +284,7 @@ def test_trace_json_into_head_exits_0_quickly_without_traceback(listener: socket
 
 
 @pytest.mark.bpf
-def test_trace_sigterm_drains_and_reports_counts(listener: socket.socket) -> None:
+def test_trace_sigterm_right_after_traffic_prints_it_all_and_counts(listener: socket.socket) -> None:
     port = listener.getsockname()[1]
     proc = subprocess.Popen([str(CONN_TRACER), "trace", "-s", "-P", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -292,8 +292,8 @@ def test_trace_sigterm_drains_and_reports_counts(listener: socket.socket) -> Non
         _wait_for_tracing(proc, time.monotonic() + 30)
         for _ in range(3):
             _connect_to(listener)
-        # The closes are the last events; trace reads on the kernel's wake-up within milliseconds,
-        # but SIGTERM now must still print whatever is in the ring.
+        # No waiting for the output: what the kernel wrote before the signal is printed (read now, or
+        # by the drain on stop), and the summary's counts add up.
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=15)
     finally:
@@ -302,7 +302,6 @@ def test_trace_sigterm_drains_and_reports_counts(listener: socket.socket) -> Non
             proc.wait()
     assert proc.returncode == 0, err.decode()
     rows = list(csv.DictReader(io.StringIO(out.decode())))
-    # Every connection's close on both ends got out, though SIGTERM came right after the last one.
     closes = sorted((r["role"], r["src_port"] if r["role"] == "server" else r["dst_port"])
                     for r in rows if r["type"] == "close")
     assert closes == [("client", str(port))] * 3 + [("server", str(port))] * 3

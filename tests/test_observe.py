@@ -205,7 +205,6 @@ def test_table_output_brackets_ipv6_and_shows_duration(agent: Agent, listener: s
     assert re.fullmatch(r"\d+(\.\d+)?(ms|s)", close[end - 8:end].strip())   # from its syn_sent, seen in this output
 
 
-@pytest.mark.bpf
 def test_unreachable_agent_is_one_line_exit_1() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     out = subprocess.run([str(CONN_TRACER), "observe", "--url", url], capture_output=True, text=True, timeout=30)
