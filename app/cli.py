@@ -243,7 +243,7 @@ async def _trace(settings: Settings, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     why = "stopped"
-    counts = {"events": 0, "filtered": 0, "unprinted": 0, "bad": 0}
+    counts = {"events": 0, "filtered": 0, "unprinted": 0, "bad": 0, "numbered": 0}
     counting_only = False   # past the drain deadline: count what is left, print nothing
 
     def on_signal(name: str) -> None:
@@ -282,8 +282,9 @@ async def _trace(settings: Settings, args: argparse.Namespace) -> int:
         if counting_only or out.closed:
             counts["unprinted"] += len(recs)
             return
-        first = counts["events"] - len(recs) + 1
-        texts = writer.json_many(first, recs)   # one call per batch; C where built
+        # seq numbers the events that pass the filters, 1, 2, 3, ... as they are printed.
+        texts = writer.json_many(counts["numbered"] + 1, recs)   # one call per batch; C where built
+        counts["numbered"] += len(recs)
         if render.output == "json":
             lines = texts
         else:
