@@ -176,10 +176,11 @@ def _add_output_options(p: argparse.ArgumentParser, json_flag: bool) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Flags override CONN_TRACER_* environment variables, which override the config file and the defaults."""
-    keys = ("host", "port", "filter_port", "filter_pid", "filter_family", "data_queue_interval_ms",
-            "state_events", "max_closed_connections", "replay_events", "subscriber_queue_events")
-    overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    """Flags override CONN_TRACER_* environment variables, which override the config file and the defaults.
+
+    Every flag whose dest is a Settings field and that was given is an override (a new setting needs only its flag).
+    """
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     if args.command == "trace" and not overrides.get("filter_port"):
         # The kernel only filters on a port at either end; a local or remote port narrows to that
         # already, and user space keeps only the right end on top.
