@@ -266,18 +266,20 @@ class Follower:
             self.printed += 1
         return True
 
-    def check_restart(self) -> None:
-        """A new run of the agent numbers from 1 again: resume from its start, and say so."""
+    def check_restart(self) -> bool:
+        """A new run of the agent numbers from 1 again: resume from its start, and say so. False if unreachable."""
         try:
             head, _first, started = self.agent.head()
-        except ObserveError:
-            return   # not up yet; the connect attempt will say so
+        except ObserveError as exc:
+            self.note(f"retrying: {exc}")
+            return False
         if head < self.after or abs(started - self.started) > RESTART_SLACK_S:
             self.gaps += 1
             self.note(f"the agent restarted (last seq seen {self.after}, its seq is now {head}); events while it "
                       f"was down were not seen; resuming from its first event")
             self.after = 0
         self.started = started
+        return True
 
     def run(self) -> int:
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -286,8 +288,11 @@ class Follower:
         backoff = BACKOFF_FIRST_S
         first = True
         while True:
-            if not first:
-                self.check_restart()
+            # Reconnect only to an agent whose run is known: connecting first could resume a new run
+            # from the old run's seq and skip its events.
+            if not first and not self.check_restart():
+                backoff = self._sleep(backoff)
+                continue
             first = False
             params = {**self.query.ws_params(), "after": str(self.after)}
             try:
