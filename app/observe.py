@@ -61,12 +61,12 @@ def parse_since(text: str, now: float) -> float:
     m = _DURATION.match(text.strip())
     if m:
         return now - float(m.group(1)) * _UNIT_S[m.group(2)]
-    dt = parse_ts(text.strip())
-    if dt is None:
-        try:
-            dt = datetime.fromisoformat(text.strip()).astimezone()   # a local time without a zone
-        except ValueError:
-            raise ValueError(f"--since {text!r}: expected a duration (90s, 5m, 2h, 1d) or an ISO 8601 time") from None
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since {text!r}: expected a duration (90s, 5m, 2h, 1d) or an ISO 8601 time") from None
+    if dt.tzinfo is None:
+        dt = dt.astimezone()   # no zone given: the local time, as a person at this terminal means it
     return dt.timestamp()
 
 

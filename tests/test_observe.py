@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ def test_since_durations(text: str, ago: float) -> None:
 
 def test_since_iso_time_and_bad_value() -> None:
     assert parse_since("2026-11-30T10:00:00Z", 0) == 1796032800.0
+    assert parse_since("2026-11-30T11:00:00+01:00", 0) == 1796032800.0
+    assert parse_since("2026-11-30T10:00:00", 0) == datetime(2026, 11, 30, 10).timestamp()   # local time
     with pytest.raises(ValueError, match="--since 'soon'"):
         parse_since("soon", 0)
 
