@@ -237,7 +237,7 @@ async def _trace(settings: Settings, args: argparse.Namespace) -> int:
     tracer = Tracer(settings)
     tracer.open()
     decoder = Decoder()
-    writer = EventWriter(Texts(time.time_ns() - time.monotonic_ns()))
+    writer = EventWriter(Texts(time.time_ns() - time.monotonic_ns(), settings.host_name))
     render = renderer_from_args(args)
     keep = _port_predicate(args.local_port, args.remote_port)
     out = Output(sys.stdout)
