@@ -171,7 +171,7 @@ def _add_output_options(p: argparse.ArgumentParser, json_flag: bool) -> None:
                     help="time as seconds since this command started")
     tm.add_argument("--utc", dest="time_mode", action="store_const", const="utc", help="time in UTC, HH:MM:SS.mmm")
     p.add_argument("-w", "--wide", action="store_true",
-                   help="wide columns: full IPv6 addresses aligned, connection id, host, container")
+                   help="wide columns: full IPv6 addresses aligned, connection id, connect time, host, container")
     p.add_argument("--no-header", action="store_true", help="no header row")
 
 

@@ -166,7 +166,8 @@ class Renderer:
             Column("REASON", 8, lambda e: text(e.get("close_reason")), left=True),
         ]
         if self.wide:
-            cols += [Column("HOST", 12, lambda e: text(e.get("host")), left=True),
+            cols += [Column("CONN_ms", 7, lambda e: us_as_ms(e.get("connect_us"))),   # SYN to ESTABLISHED
+                     Column("HOST", 12, lambda e: text(e.get("host")), left=True),
                      Column("CONTAINER", 12, lambda e: text(e.get("container_id"))[:12], left=True)]
         return cols
 

@@ -164,7 +164,8 @@ def test_table_has_header_fixed_columns_duration_and_dashes() -> None:
         r.header(),
         r.line(_event()),
         r.line(_event(type="close", ts="2026-11-30T10:00:01.750000Z", state="CLOSE", bytes_sent=2 * 1024 * 1024,
-                      bytes_received=532, srtt_us=1250, retrans_segs=0, close_reason="normal")),
+                      bytes_received=532, srtt_us=1250, retrans_segs=0, close_reason="normal", connect_us=75,
+                      host="web-1")),
         r.line(_event(family="ipv6", src_addr=v6, dst_addr="::1", pid=None, comm=None, conn_id="c2")),
     ]
     assert lines[0] is not None and lines[0].startswith("TIME(UTC)")
@@ -178,7 +179,7 @@ def test_table_has_header_fixed_columns_duration_and_dashes() -> None:
         assert line[remote - 1] == " " and line[remote] != " ", line
     close = str(lines[2])
     assert "10:00:01.750" in close and "2.0MiB" in close and "532B" in close and "1.5s" in close
-    assert "1.25" in close and "normal" in close
+    assert "1.25" in close and "normal" in close and "0.07" in close and "web-1" in close
     assert f"[{v6}]:40000" in str(lines[3])
     assert re.search(r"\s-\s", str(lines[3]))   # no pid: a dash, not "None"
     assert len(starts) > 10
