@@ -131,7 +131,8 @@ def test_connections_and_filters(api: tuple[TestClient, FakeSource]) -> None:
     assert c2["duration_ms"] == pytest.approx(2.9) and c2["closed_at"] is not None
     cases = {
         "port=8080": ["c2", "c1"], "port=50000": ["c2", "c1"], "port=443": ["c3"], "state=open": ["c3"],
-        "state=closed": ["c2", "c1"], "family=ipv6": ["c3"], "role=server": ["c2"], "pid=100": ["c3", "c1"],
+        "state=closed": ["c2", "c1"], "family=ipv6": ["c3"], "family=6": ["c3"], "role=server": ["c2"],
+        "pid=100": ["c3", "c1"],
         "pid=200&role=client": [], "limit=1": ["c3"], "state=all&port=8080&family=ipv4&role=client": ["c1"],
     }
     for q, want in cases.items():
