@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from app import sockdiag
+from app.bpf.event import NETNS, STATE, EventRecord
 from app.config import Settings
 from app.filters import Filter, Predicate
 from app.hub import EventHub
@@ -45,6 +46,15 @@ class Source(Protocol):
     def drain(self) -> int: ...
 
     def lost_kernel(self) -> int: ...
+
+    @property
+    def resumed(self) -> bool: ...
+
+    def tracked_sockets(self) -> list[tuple[int, EventRecord]]: ...
+
+    def forget_sockets(self, keys: list[int]) -> None: ...
+
+    def wall_offset(self, fresh_ns: int) -> int: ...
 
     def bad_records(self) -> int: ...
 
@@ -133,7 +143,10 @@ class Core:
             self.start_error = exc
             raise
         self.tracer = tracer
+        self.texts.wall_offset_ns = tracer.wall_offset(self.texts.wall_offset_ns)
         try:
+            if tracer.resumed:
+                self._restore(tracer)
             # After attach, so a connection opening meanwhile is either in the dump or seen by the
             # kernel (the table drops the sock_diag twin then); never missed.
             if self.settings.preexisting:
@@ -161,6 +174,29 @@ class Core:
         gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
         if self.settings.preexisting and self.settings.preexisting_refresh_s > 0:
             self._refresh_task = asyncio.create_task(self._refresh_loop())
+
+    def _restore(self, tracer: Source) -> None:
+        """Lists again the connections an earlier run left in the pinned socket map, with their ids, roles,
+        owners and start times; entries of sockets that closed meanwhile are dropped from the map."""
+        tracked = tracer.tracked_sockets()
+        try:
+            alive = {conn_key(r): r for r in sockdiag.preexisting(sockdiag.dump(), {})}
+        except OSError as exc:
+            log.warning("sock_diag dump failed, restored connections not checked: %s", exc)
+            alive = None
+        own_netns = sockdiag.current_netns()
+        keep, gone = [], []
+        for key, rec in tracked:
+            if alive is not None and rec[NETNS] == own_netns:
+                now = alive.get(conn_key(rec))
+                if now is None:
+                    gone.append(key)
+                    continue
+                rec = (*rec[:STATE], now[STATE], *rec[STATE + 1:])
+            keep.append(rec)
+        tracer.forget_sockets(gone)
+        n = self.table.restore(keep)
+        log.info("restart: %d connections restored from the pinned socket map, %d gone meanwhile", n, len(gone))
 
     def _load_preexisting(self) -> None:
         try:

@@ -189,6 +189,15 @@ class ConnectionTable:
             if twin is not None and not c.pid:
                 c.pid, c.comm = twin.pid, twin.comm
 
+    def restore(self, recs: Iterable[EventRecord]) -> int:
+        """Adds open connections the kernel was already tracking (pinned maps of an earlier run); returns how many."""
+        n = 0
+        for rec in recs:
+            c = self._open[rec[CONN_ID]] = ConnEntry(rec)
+            c.events = 0
+            n += 1
+        return n
+
     def add_preexisting(self, recs: Iterable[EventRecord]) -> int:
         """Adds connections found open at start-up (sock_diag), unless the kernel reported them; returns how many."""
         known = {conn_key(c.rec) for c in self._open.values()}

@@ -145,7 +145,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             # hostB's buffer is small on purpose: the outage test overflows it.
             for name, ns, extra in (("hostA", net.ns_a, []), ("hostB", net.ns_b, ["--nats-buffer-events", "20"])):
                 started.append(start(tmp / f"{name}.log", "serve", "--nats", nats.url, "--host-name", name,
-                                     "--filter-netns", f"/run/netns/{ns}", *extra))
+                                     "--filter-netns", f"/run/netns/{ns}", "--no-pin", *extra))
             durable = f"test-{os.getpid()}"
             view = start(tmp / "fleet.log", "fleet", "--nats", nats.url, "--durable", durable)
             started.append(view)

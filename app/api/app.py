@@ -10,14 +10,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
+from app import __version__
+from app.api.docs import add_offline_redoc, add_ws_to_openapi
 from app.api.frames import RawSendMiddleware
 from app.api.metrics import make_registry
 from app.api.routes import connections, events, status, web, ws
 from app.config import Settings
 from app.service import Core, TracerFactory, default_tracer_factory
 
-DEFAULT_WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+_APP_DIR = Path(__file__).resolve().parents[1]
+# Installed from a wheel the dashboard is app/web (setup.py maps it there); in the source tree, web/ beside app/.
+DEFAULT_WEB_DIR = next((d for d in (_APP_DIR / "web", _APP_DIR.parent / "web") if (d / "index.html").is_file()),
+                       _APP_DIR.parent / "web")
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -57,8 +63,11 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
             core.stop()
             await core.aclose()
 
-    app = FastAPI(title="conn-tracer", version="0.1.0", lifespan=lifespan,
-                  description="Every TCP connection on this host, from eBPF: connections, events, stats.")
+    # FastAPIOffline: /docs loads Swagger UI from the installed fastapi-offline package (under
+    # /static-offline-docs), never from a CDN; /redoc likewise, through app/api/docs.py.
+    app = FastAPIOffline(title="conn-tracer", version=__version__, lifespan=lifespan, redoc_url=None,
+                         description="Every TCP connection on this host, from eBPF: connections, events, stats. "
+                                     "Live events: `WS /ws` (described under GET /ws).")
     app.state.core = core
     core.registry = make_registry(core)
     web_dir = settings.web_dir or DEFAULT_WEB_DIR
@@ -67,6 +76,8 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
     app.add_middleware(RawSendMiddleware)
     for r in (connections.router, events.router, status.router, ws.router, web.router):
         app.include_router(r)
+    add_ws_to_openapi(app)
+    add_offline_redoc(app)
     if web_dir.is_dir():
         app.mount("/static", StaticFiles(directory=web_dir), name="static")
     return app

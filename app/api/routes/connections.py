@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query
 
 from app.api.deps import CoreDep
-from app.filters import Filter
+from app.filters import FAMILY_ALIASES, Filter
 from app.models import Connection
 
 # Every handler here is `async def` on purpose: it then runs on the event loop, the only thread that
@@ -16,7 +16,7 @@ router = APIRouter(tags=["connections"])
 
 PortQ = Annotated[int | None, Query(ge=1, le=65535, description="local or remote port")]
 PidQ = Annotated[int | None, Query(ge=1, le=2**31 - 1, description="owning process id")]
-FamilyQ = Annotated[Literal["ipv4", "ipv6"] | None, Query(description="address family")]
+FamilyQ = Annotated[Literal["ipv4", "ipv6", "4", "6"] | None, Query(description="address family (4 and 6 also)")]
 RoleQ = Annotated[Literal["client", "server"] | None, Query(description="client = active open")]
 HostQ = Annotated[str | None, Query(min_length=1, max_length=253, description="only this host (fleet view)")]
 
@@ -33,7 +33,8 @@ async def list_connections(
     limit: Annotated[int, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,
 ) -> list[Connection]:
     """Connections, newest activity first; closed ones while held in the bounded history."""
-    pred = core.predicate(Filter(port=port, pid=pid, family=family, role=role, host=host))
+    fam = FAMILY_ALIASES.get(family, family) if family is not None else None
+    pred = core.predicate(Filter(port=port, pid=pid, family=fam, role=role, host=host))
     return core.table.query(state, pred, limit)
 
 
