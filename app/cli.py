@@ -82,12 +82,13 @@ def _add_kernel_options(p: argparse.ArgumentParser) -> None:
 
 def _add_nats(p: argparse.ArgumentParser, url_help: str) -> None:
     p.add_argument("--nats", dest="nats_url", metavar="URL", help=url_help)
-    p.add_argument("--nats-subject-prefix", help="subjects are PREFIX.<host>.events (default conntracer)")
-    p.add_argument("--nats-stream", help="JetStream stream, created if missing (default CONNTRACER)")
-    p.add_argument("--nats-creds", dest="nats_creds_file", help="NATS credentials file (.creds)")
-    p.add_argument("--nats-tls-ca", help="CA certificate for NATS over TLS")
-    p.add_argument("--nats-tls-cert", help="client certificate for NATS over TLS")
-    p.add_argument("--nats-tls-key", help="client key for NATS over TLS")
+    p.add_argument("--nats-subject-prefix", metavar="PREFIX",
+                   help="subjects are PREFIX.<host>.events (default conntracer)")
+    p.add_argument("--nats-stream", metavar="NAME", help="JetStream stream, created if missing (default CONNTRACER)")
+    p.add_argument("--nats-creds", dest="nats_creds_file", metavar="PATH", help="NATS credentials file (.creds)")
+    p.add_argument("--nats-tls-ca", metavar="PATH", help="CA certificate for NATS over TLS")
+    p.add_argument("--nats-tls-cert", metavar="PATH", help="client certificate for NATS over TLS")
+    p.add_argument("--nats-tls-key", metavar="PATH", help="client key for NATS over TLS")
 
 
 def build_parser() -> argparse.ArgumentParser:
