@@ -241,6 +241,10 @@ def test_fleet_view_attributes_each_hosts_connections(fleet: Fleet) -> None:
         for e in evs:
             assert e["host"] == ids[e["conn_id"]], e
         assert [e["seq"] for e in evs] == sorted(e["seq"] for e in evs)
+        # The stream's close events: the same tuples, owners and exact bytes as the table.
+        for e in (e for e in evs if e["type"] == "close"):
+            pid, sent, received, reason = want[e["host"]][side(e)]
+            assert (e["pid"], e["bytes_sent"], e["bytes_received"], e["close_reason"]) == (pid, sent, received, reason)
         b_evs = read_until(only_b, lambda k: sum(e["type"] == "close" for e in k) >= 2, 20)
         assert {e["host"] for e in b_evs} == {"hostB"}
         assert {e["conn_id"] for e in b_evs} == {i for i, h in ids.items() if h == "hostB"}
