@@ -99,6 +99,9 @@ class ConnectionTable:
         self._closed: OrderedDict[int, ConnEntry] = OrderedDict()
         self.evicted_closed = 0
         self.evicted_open = 0
+        # Final byte counters of every connection closed so far (for byte_totals(); once per close).
+        self.closed_bytes_sent = 0
+        self.closed_bytes_received = 0
         # Key -> id of connections read from sock_diag at start-up, to drop such an entry if the
         # kernel reports the same socket too (it was opening while we attached).
         self._pre_keys: dict[ConnKey, int] = {}
@@ -160,6 +163,8 @@ class ConnectionTable:
             self._add_closed(cid, c)
 
     def _add_closed(self, cid: int, c: ConnEntry) -> None:
+        self.closed_bytes_sent += c.rec[BYTES_SENT]
+        self.closed_bytes_received += c.rec[BYTES_RECEIVED]
         if self.max_closed <= 0:
             self.evicted_closed += 1
             return
@@ -226,6 +231,15 @@ class ConnectionTable:
             self._add_closed(cid, c)
             n += 1
         return n
+
+    def byte_totals(self) -> tuple[int, int]:
+        """Payload bytes sent and received over every connection in the table's life (open ones as of now)."""
+        sent, received = self.closed_bytes_sent, self.closed_bytes_received
+        for c in self._open.values():
+            r = c.rec
+            sent += r[BYTES_SENT]
+            received += r[BYTES_RECEIVED]
+        return sent, received
 
     @property
     def preexisting_count(self) -> int:

@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.api.frames import RawSendMiddleware
 from app.api.metrics import make_registry
-from app.api.routes import connections, events, status, web, ws
+from app.api.routes import connections, events, history, status, web, ws
 from app.config import Settings
 from app.service import Core, TracerFactory, default_tracer_factory
 
@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
     app.state.web_dir = web_dir
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_middleware(RawSendMiddleware)
-    for r in (connections.router, events.router, status.router, ws.router, web.router):
+    for r in (connections.router, events.router, status.router, history.router, ws.router, web.router):
         app.include_router(r)
     if web_dir.is_dir():
         app.mount("/static", StaticFiles(directory=web_dir), name="static")

@@ -1,14 +1,14 @@
-"""GET /connections, GET /connections/{id}."""
+"""GET /connections, GET /connections/{id}, GET /connections/{id}/events."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Response
 
 from app.api.deps import CoreDep
 from app.filters import Filter
-from app.models import Connection
+from app.models import Connection, Event, conn_id_number
 
 # Every handler here is `async def` on purpose: it then runs on the event loop, the only thread that
 # touches the table and the hub (a plain `def` would run in a worker thread, racing the reader).
@@ -43,3 +43,18 @@ async def get_connection(core: CoreDep, conn_id: str) -> Connection:
     if c is None:
         raise HTTPException(404, f"no connection {conn_id!r}")
     return c
+
+
+@router.get("/connections/{conn_id}/events", response_model=list[Event],
+            responses={404: {"description": "no such connection, and no event of it held"}})
+async def connection_events(
+    core: CoreDep,
+    conn_id: str,
+    limit: Annotated[int, Query(ge=0, le=1_000_000, description="at most the newest this many")] = 1000,
+) -> Response:
+    """That connection's events still held in the replay buffer, oldest first."""
+    num = conn_id_number(conn_id)
+    texts = core.hub.conn_events(num, limit) if num is not None else []
+    if not texts and (num is None or core.table.get(conn_id) is None):
+        raise HTTPException(404, f"no connection {conn_id!r}")
+    return Response("[" + ",".join(texts) + "]", media_type="application/json")
