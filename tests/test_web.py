@@ -352,9 +352,10 @@ LAYOUT_JS = """() => {
   for (const th of document.querySelectorAll('#conn-table thead th')) {
     const r = th.getBoundingClientRect();
     const b = th.querySelector('button');
+    const br = b.getBoundingClientRect();
     headers[th.dataset.col] = { shown: getComputedStyle(th).display !== 'none', left: r.left, right: r.right,
       inside: r.width > 0 && r.left >= Math.max(0, box.left) - 0.5 && r.right <= Math.min(innerWidth, box.right) + 0.5,
-      cut: b.scrollWidth > b.clientWidth };
+      cut: b.scrollWidth > b.clientWidth || br.left < r.left - 0.5 || br.right > r.right + 0.5 };
   }
   const chart = window.__connTracer.chart;
   const ctx = document.querySelector('#chart').getContext('2d');
