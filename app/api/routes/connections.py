@@ -46,15 +46,14 @@ async def get_connection(core: CoreDep, conn_id: str) -> Connection:
 
 
 @router.get("/connections/{conn_id}/events", response_model=list[Event],
-            responses={404: {"description": "no such connection, and no event of it held"}})
+            responses={404: {"description": "not a connection id (c<n> or p<n>)"}})
 async def connection_events(
     core: CoreDep,
     conn_id: str,
     limit: Annotated[int, Query(ge=0, le=1_000_000, description="at most the newest this many")] = 1000,
 ) -> Response:
-    """That connection's events still held in the replay buffer, oldest first."""
+    """That connection's events still held in the replay buffer, oldest first ([] once they have all left it)."""
     num = conn_id_number(conn_id)
-    texts = core.hub.conn_events(num, limit) if num is not None else []
-    if not texts and (num is None or core.table.get(conn_id) is None):
-        raise HTTPException(404, f"no connection {conn_id!r}")
-    return Response("[" + ",".join(texts) + "]", media_type="application/json")
+    if num is None:
+        raise HTTPException(404, f"no connection {conn_id!r}: ids are c<n> or p<n>")
+    return Response("[" + ",".join(core.hub.conn_events(num, limit)) + "]", media_type="application/json")
