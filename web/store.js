@@ -182,7 +182,8 @@ export class Store {
       this.rates.add(sec, 'closes', 1);
     }
     rec.lastLocal = localNow;
-    this.#pushEvent(rec, msg, ts);
+    // A fetch of this connection's events (details panel) may already hold events the stream brings later.
+    if (!(rec.eventsFromServer && rec.events.some((e) => e.seq === msg.seq))) this.#pushEvent(rec, msg, ts);
     rec.version++;
     this.version++;
     if (isNew && this.conns.size > LIMITS.maxConnections) this.enforceLimits();
