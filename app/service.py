@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from app import sockdiag
 from app.bpf.event import NETNS, STATE, EventRecord
 from app.config import Settings
+from app.history import History, Totals
 from app.hub import EventHub
 from app.models import EventWriter, Texts
 from app.pipeline import Pipeline
@@ -77,6 +78,8 @@ class Core:
         self.table = ConnectionTable(self.texts, settings.max_closed_connections, settings.max_open_connections)
         self.hub = EventHub(EventWriter(self.texts), settings.replay_events, settings.subscriber_queue_events)
         self.pipeline = Pipeline(self.table, self.hub)
+        self.history = History(settings.history_seconds, self.totals)
+        self._history_task: asyncio.Task[None] | None = None
         self.started_mono = time.monotonic()
         self.websockets: set[Any] = set()
         self.shutting_down = False
@@ -94,6 +97,15 @@ class Core:
     def decode_errors(self) -> int:
         """Records that could not be decoded: a foreign size in the ring, or values the decoder rejects."""
         return self.pipeline.decode_errors + (self.tracer.bad_records() if self.tracer is not None else 0)
+
+    def totals(self) -> Totals:
+        """The cumulative counters History samples once a second."""
+        counts, table = self.hub.counts, self.table
+        sent, received = table.byte_totals()
+        return Totals(opened=counts["syn_sent"] + counts["syn_recv"], closed=counts["close"], events=self.hub.seq,
+                      bytes_sent=sent, bytes_received=received,
+                      lost=self.lost_kernel() + self.hub.dropped_subscribers + self.decode_errors(),
+                      open=table.open_count, subscribers=len(self.hub.subscribers))
 
     def healthy(self) -> tuple[bool, str | None]:
         t = self.tracer
@@ -135,6 +147,7 @@ class Core:
         gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
         if self.settings.preexisting and self.settings.preexisting_refresh_s > 0:
             self._refresh_task = asyncio.create_task(self._refresh_loop())
+        self._history_task = asyncio.create_task(self.history.run())
 
     def _restore(self, tracer: Source) -> None:
         """Lists again the connections an earlier run left in the pinned socket map, with their ids, roles,
@@ -192,9 +205,10 @@ class Core:
 
     def stop(self) -> None:
         """Detach everything (safe twice)."""
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            self._refresh_task = None
+        for task in (self._refresh_task, self._history_task):
+            if task is not None:
+                task.cancel()
+        self._refresh_task = self._history_task = None
         if self.tracer is not None:
             try:
                 # What is still in the ring: bounded, the programs keep writing until detached.
