@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     drain_interval_ms: float = Field(10.0, gt=0, le=1000)
     read_batch_records: int = Field(1024, ge=1, le=1_000_000, description="records handled per loop turn")
 
+    # Per-second counters kept for GET /history (and the dashboard's chart after a reload).
+    history_seconds: int = Field(3600, ge=60, le=7 * 86400)
+
     # The dashboard's static files; None = the web/ folder next to the app package.
     web_dir: Path | None = None
 

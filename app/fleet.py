@@ -36,6 +36,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from app.bpf.event import (
+    BYTES_RECEIVED,
+    BYTES_RETRANS,
+    BYTES_SENT,
     CLOSE_REASON,
     CLOSE_REASON_NAMES,
     COMM,
@@ -136,6 +139,9 @@ class FleetTable(ConnectionTable):
             r[START_NS] = known.rec[START_NS] if known is not None else ts
         r[CONN_ID] = key
         r[TYPE] = typ
+        r[BYTES_SENT] = doc["bytes_sent"]
+        r[BYTES_RECEIVED] = doc["bytes_received"]
+        r[BYTES_RETRANS] = doc.get("bytes_retrans") or 0
         r[PID] = doc["pid"] or 0
         r[COMM] = doc["comm"] or ""
         r[NETNS] = doc["netns"]
@@ -258,6 +264,9 @@ class FleetCore(Core):
     def predicate(self, filt: Filter) -> Predicate | None:
         return filt.predicate()   # fleet records carry their host
 
+    def conn_key(self, conn_id: str) -> Any:
+        return conn_id if ":" in conn_id else None   # "<host>:<id>"
+
     def healthy(self) -> tuple[bool, str | None]:
         if self._nc is None or not self._nc.is_connected:
             return False, f"not connected to NATS at {self.settings.nats_url}"
@@ -305,16 +314,17 @@ class FleetCore(Core):
                 self._nc = None
             raise
         self._watchdog = asyncio.create_task(self._watch())
+        self._history_task = asyncio.create_task(self.history.run())
         # The same allocation pattern as serve's (records kept by the replay buffer): the same tuning.
         gc.collect()
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
     def stop(self) -> None:
-        for t in (self._watchdog, self._positioning):
+        for t in (self._watchdog, self._positioning, self._history_task):
             if t is not None:
                 t.cancel()
-        self._watchdog = self._positioning = None
+        self._watchdog = self._positioning = self._history_task = None
 
     async def aclose(self) -> None:
         self.stop()

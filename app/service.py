@@ -14,8 +14,9 @@ from app import sockdiag
 from app.bpf.event import NETNS, STATE, EventRecord
 from app.config import Settings
 from app.filters import Filter, Predicate
+from app.history import History, Totals
 from app.hub import EventHub
-from app.models import EventWriter, Texts
+from app.models import EventWriter, Texts, conn_id_number
 from app.pipeline import Pipeline
 from app.table import ConnectionTable, conn_key
 
@@ -82,6 +83,8 @@ class Core:
         self.table = ConnectionTable(self.texts, settings.max_closed_connections, settings.max_open_connections)
         self.hub = EventHub(EventWriter(self.texts), settings.replay_events, settings.subscriber_queue_events)
         self.pipeline = Pipeline(self.table, self.hub)
+        self.history = History(settings.history_seconds, self.totals)
+        self._history_task: asyncio.Task[None] | None = None
         self.started_mono = time.monotonic()
         self.websockets: set[Any] = set()
         self.shutting_down = False
@@ -101,6 +104,10 @@ class Core:
         if filt.host != self.host_name:
             return _never
         return replace(filt, host=None).predicate()
+
+    def conn_key(self, conn_id: str) -> Any:
+        """A public connection id as the records key it (None if it is not one): the kernel's number here."""
+        return conn_id_number(conn_id)
 
     def export_stats(self) -> dict[str, Any] | None:
         """The exporter's figures, None when not exporting."""
@@ -124,6 +131,15 @@ class Core:
     def decode_errors(self) -> int:
         """Records that could not be decoded: a foreign size in the ring, or values the decoder rejects."""
         return self.pipeline.decode_errors + (self.tracer.bad_records() if self.tracer is not None else 0)
+
+    def totals(self) -> Totals:
+        """The cumulative counters History samples once a second."""
+        counts, table = self.hub.counts, self.table
+        sent, received = table.byte_totals()
+        return Totals(opened=counts["syn_sent"] + counts["syn_recv"], closed=counts["close"], events=self.hub.seq,
+                      bytes_sent=sent, bytes_received=received,
+                      lost=self.lost_kernel() + self.hub.dropped_subscribers + self.decode_errors(),
+                      open=table.open_count, subscribers=len(self.hub.subscribers))
 
     def healthy(self) -> tuple[bool, str | None]:
         t = self.tracer
@@ -174,6 +190,7 @@ class Core:
         gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
         if self.settings.preexisting and self.settings.preexisting_refresh_s > 0:
             self._refresh_task = asyncio.create_task(self._refresh_loop())
+        self._history_task = asyncio.create_task(self.history.run())
 
     def _restore(self, tracer: Source) -> None:
         """Lists again the connections an earlier run left in the pinned socket map, with their ids, roles,
@@ -234,9 +251,10 @@ class Core:
 
     def stop(self) -> None:
         """Detach everything (safe twice)."""
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            self._refresh_task = None
+        for task in (self._refresh_task, self._history_task):
+            if task is not None:
+                task.cancel()
+        self._refresh_task = self._history_task = None
         if self.tracer is not None:
             try:
                 # What is still in the ring: bounded, the programs keep writing until detached.

@@ -234,6 +234,8 @@ def test_fleet_view_attributes_each_hosts_connections(fleet: Fleet) -> None:
                     (host, pid, sent, received, reason, netns), c
                 assert c["id"].startswith(f"{host}:")
                 assert view.json(f"/connections/{c['id']}")["id"] == c["id"]
+                timeline = view.json(f"/connections/{c['id']}/events")
+                assert timeline[-1]["type"] == "close" and {e["conn_id"] for e in timeline} == {c["id"]}
 
         ids = {c["id"]: h for h in want for c in view.json("/connections", host=h)}
         evs = read_until(every, lambda k: sum(e["type"] == "close" for e in k) >= 5, 20,

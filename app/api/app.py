@@ -16,7 +16,7 @@ from app import __version__
 from app.api.docs import add_offline_redoc, add_ws_to_openapi
 from app.api.frames import RawSendMiddleware
 from app.api.metrics import make_registry
-from app.api.routes import connections, events, status, web, ws
+from app.api.routes import connections, events, history, status, web, ws
 from app.config import Settings
 from app.service import Core, TracerFactory, default_tracer_factory
 
@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
     app.state.web_dir = web_dir
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_middleware(RawSendMiddleware)
-    for r in (connections.router, events.router, status.router, ws.router, web.router):
+    for r in (connections.router, events.router, status.router, history.router, ws.router, web.router):
         app.include_router(r)
     add_ws_to_openapi(app)
     add_offline_redoc(app)

@@ -1,14 +1,14 @@
-"""GET /connections, GET /connections/{id}."""
+"""GET /connections, GET /connections/{id}, GET /connections/{id}/events."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Response
 
 from app.api.deps import CoreDep
 from app.filters import FAMILY_ALIASES, Filter
-from app.models import Connection
+from app.models import Connection, Event
 
 # Every handler here is `async def` on purpose: it then runs on the event loop, the only thread that
 # touches the table and the hub (a plain `def` would run in a worker thread, racing the reader).
@@ -46,3 +46,17 @@ async def get_connection(core: CoreDep, conn_id: str) -> Connection:
     if c is None:
         raise HTTPException(404, f"no connection {conn_id!r}")
     return c
+
+
+@router.get("/connections/{conn_id}/events", response_model=list[Event],
+            responses={404: {"description": "not a connection id (c<n> or p<n>)"}})
+async def connection_events(
+    core: CoreDep,
+    conn_id: str,
+    limit: Annotated[int, Query(ge=0, le=1_000_000, description="at most the newest this many")] = 1000,
+) -> Response:
+    """That connection's events still held in the replay buffer, oldest first ([] once they have all left it)."""
+    key = core.conn_key(conn_id)
+    if key is None:
+        raise HTTPException(404, f"no connection {conn_id!r}: ids are c<n> or p<n> (<host>:c<n> in a fleet view)")
+    return Response("[" + ",".join(core.hub.conn_events(key, limit)) + "]", media_type="application/json")
