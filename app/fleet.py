@@ -85,6 +85,7 @@ _S = timedelta(seconds=1)
 
 _ZERO = (0,) * len(RECORD_FIELDS)
 _SYN_TYPES = frozenset({EV_SYN_SENT, EV_SYN_RECV})
+_HEALTH = tuple((RECORD_FIELDS.index(n), n) for n in ("srtt_us", "rttvar_us", "retrans_segs", "connect_us"))
 _CLOSE_REASONS = {name: n for n, name in CLOSE_REASON_NAMES.items()}
 _SECONDS: dict[str, int] = {}   # "2026-11-30T22:30:23" -> its epoch second (events of one second share it)
 
@@ -127,7 +128,7 @@ class FleetTable(ConnectionTable):
 
     def record(self, host: str, key: str, doc: dict[str, Any], text: str) -> EventRecord:
         """A kernel-shaped record of one event, then HOST and TEXT: the fields that filters and the
-        table look at are set (names as numbers), the others are 0 (the text has them all)."""
+        table look at are set (names as numbers), the others (addresses, cgroup) are 0: the text has them."""
         ts = wall_ns(doc["ts"])
         typ = EVENT_TYPE_NUMBERS.get(doc["type"], 0)
         r: list[Any] = list(_ZERO)
@@ -142,6 +143,8 @@ class FleetTable(ConnectionTable):
         r[BYTES_SENT] = doc["bytes_sent"]
         r[BYTES_RECEIVED] = doc["bytes_received"]
         r[BYTES_RETRANS] = doc.get("bytes_retrans") or 0
+        for i, name in _HEALTH:   # for the traffic totals (per close), like the agents' own
+            r[i] = doc.get(name) or 0
         r[PID] = doc["pid"] or 0
         r[COMM] = doc["comm"] or ""
         r[NETNS] = doc["netns"]

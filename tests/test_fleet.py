@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import ClientConnection
 
+from app.api.app import create_app
 from app.bpf.event import CR_REFUSED
 from app.config import Settings
 from app.filters import Filter
@@ -27,6 +28,7 @@ from app.service import Core
 from tests.evfactory import TEXTS, ev
 from tests.exchange import Exchange, run_exchange
 from tests.netns import VethPair
+from tests.test_api import TestClient
 from tests.test_serve import CONN_TRACER, Service, free_port, read_until, wait_for
 
 NATS_SERVER = "nats-server"
@@ -397,3 +399,20 @@ def test_agent_host_filter_is_all_or_nothing() -> None:
     keep, drop = core.predicate(Filter(host="hostA", port=40001)), core.predicate(Filter(host="hostB"))
     assert keep is not None and keep(rec) and drop is not None and not drop(rec)
     assert core.predicate(Filter(host="hostA")) is None
+
+
+def test_fleet_metrics_count_every_hosts_closes() -> None:
+    """The fleet view's /metrics: traffic totals over all hosts, per-host families, export losses."""
+    core = FleetCore(Settings(nats_url="nats://127.0.0.1:1"))
+    for host, srtt in (("hostA", 40), ("hostB", 90)):
+        core.apply_message(_message(host, [(1, ev("syn_sent", 1, 0)),
+                                           (2, ev("close", 1, 2, bytes_sent=10, srtt_us=srtt, close_reason=1))]),
+                           {"Conntracer-Host": host, "Conntracer-Run": "r"}, f"conntracer.{host}.events")
+    client = TestClient(create_app(core=core))   # no lifespan: nothing to connect to
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for m in text_string_to_metric_families(client.get("/metrics").text) for s in m.samples}
+    assert samples[("conn_tracer_fleet_host_events_total", (("host", "hostA"),))] == 2
+    assert samples[("conn_tracer_bytes_sent_total", (("role", "client"),))] == 20
+    assert samples[("conn_tracer_rtt_seconds_count", (("role", "client"),))] == 2
+    assert samples[("conn_tracer_lost_events_total", (("source", "export"),))] == 0
+    assert client.get("/connections/hostB:c1/events").json()[-1]["srtt_us"] == 90
