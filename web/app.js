@@ -163,12 +163,12 @@ function renderHealth() {
   // serve --nats: the exporter's figures; a fleet view: how many hosts it hears from.
   const ex = stats?.export;
   const hosts = stats?.hosts ? Object.keys(stats.hosts).length : null;
-  $('#export-item').hidden = !ex && hosts == null;
+  $('#nats-item').hidden = !ex && hosts == null;
   if (ex) {
-    setText('#export', `${ex.connected ? 'NATS connected' : 'NATS unreachable'} · ${ex.acknowledged} acked · `
+    setText('#nats', `${ex.connected ? 'NATS connected' : 'NATS unreachable'} · ${ex.acknowledged} acked · `
       + `${ex.buffered} buffered · ${ex.dropped} dropped · ${ex.reconnects} reconnects`);
   } else if (hosts != null) {
-    setText('#export', `fleet of ${hosts} host${hosts === 1 ? '' : 's'} · ${stats.lost_export ?? 0} lost in export`);
+    setText('#nats', `fleet of ${hosts} host${hosts === 1 ? '' : 's'} · ${stats.lost_export ?? 0} lost in export`);
   }
 }
 
