@@ -11,7 +11,17 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from app import sockdiag
-from app.bpf.event import NETNS, STATE, EventRecord
+from app.bpf.event import (
+    CONN_ID,
+    EV_SYN_SENT,
+    FLAG_PID_FROM_CONNECT,
+    NETNS,
+    ROLE_CLIENT,
+    ST_SYN_SENT,
+    STATE,
+    EventRecord,
+    make_record,
+)
 from app.config import Settings
 from app.filters import Filter, Predicate
 from app.history import History, Totals
@@ -25,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PENDING_POLL_S = 0.25        # how often the kernel's map of unanswered connects is read
+PENDING_AGE_NS = 100_000_000  # a connect unanswered this long is listed before its SYN-ACK (or timeout)
 GC_YOUNG_THRESHOLD = 10_000   # allocations between young-generation collections (CPython's default: 700)
 
 
@@ -56,6 +68,8 @@ class Source(Protocol):
     def forget_sockets(self, keys: list[int]) -> None: ...
 
     def wall_offset(self, fresh_ns: int) -> int: ...
+
+    def pending_connects(self, older_than_ns: int) -> list[Any]: ...
 
     def bad_records(self) -> int: ...
 
@@ -89,6 +103,7 @@ class Core:
         self.websockets: set[Any] = set()
         self.shutting_down = False
         self._refresh_task: asyncio.Task[None] | None = None
+        self._pending_task: asyncio.Task[None] | None = None
         self.registry: Any = None  # set by create_app
         self.start_error: BaseException | None = None
         self.exporter: Exporter | None = None   # with settings.nats_url: every event to NATS JetStream
@@ -190,6 +205,7 @@ class Core:
         gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
         if self.settings.preexisting and self.settings.preexisting_refresh_s > 0:
             self._refresh_task = asyncio.create_task(self._refresh_loop())
+        self._pending_task = asyncio.create_task(self._pending_loop())
         self._history_task = asyncio.create_task(self.history.run())
 
     def _restore(self, tracer: Source) -> None:
@@ -224,6 +240,28 @@ class Core:
             return
         n = self.table.add_preexisting(sockdiag.preexisting(socks, owners))
         log.info("%d preexisting connections from sock_diag", n)
+
+    async def _pending_loop(self) -> None:
+        # A connect waiting for its SYN-ACK has no record yet (its syn event rides on its next one):
+        # list it from the kernel's `connecting` map, with the port sock_diag knows by its inode.
+        announced: set[int] = set()
+        while self.tracer is not None:
+            await asyncio.sleep(PENDING_POLL_S)
+            try:
+                pending = self.tracer.pending_connects(PENDING_AGE_NS)
+            except Exception:   # never let this side job die silently or loudly in a loop
+                log.warning("reading pending connects failed", exc_info=True)
+                return
+            ids = {p.conn_id for p in pending}
+            announced &= ids
+            new = [p for p in pending if p.conn_id not in announced and not self.table.knows(p.conn_id)]
+            if not new:
+                continue
+            recs = await asyncio.to_thread(pending_records, new)
+            recs = [r for r in recs if not self.table.knows(r[CONN_ID])]
+            announced.update(r[CONN_ID] for r in recs)
+            if recs:
+                self.pipeline.announce(recs)
 
     async def _refresh_loop(self) -> None:
         # sock_diag has no events: poll it, slowly, to notice preexisting connections closing.
@@ -272,3 +310,19 @@ class Core:
 
 def _never(_rec: Any) -> bool:
     return False
+
+
+def pending_records(pending: list[Any]) -> list[EventRecord]:
+    """The syn_sent record of each pending connect whose local port sock_diag finds (blocking: run in a thread)."""
+    out = []
+    for p in pending:
+        local = sockdiag.port_of_inode(p.pid, p.inode, 1 << ST_SYN_SENT) if p.inode else None
+        if local is None:
+            continue   # gone already, or not visible from here: its kernel records will list it
+        family, addr, port = local
+        out.append(make_record(
+            ts_ns=p.start_ns, start_ns=p.start_ns, conn_id=p.conn_id, cgroup_id=p.cgroup_id, pid=p.pid,
+            netns=p.netns, saddr=sockdiag.addr16(family, addr), daddr=p.daddr, sport=port, dport=p.dport,
+            family=p.family, type=EV_SYN_SENT, role=ROLE_CLIENT, state=ST_SYN_SENT, flags=FLAG_PID_FROM_CONNECT,
+            comm=p.comm))
+    return out

@@ -585,7 +585,7 @@ def preexisting(socks: list[DiagSocket], owners: dict[int, tuple[int, str]] | No
         role = d.role if d.role is not None else ROLE_CLIENT
         out.append(make_record(
             ts_ns=now_ns, start_ns=now_ns, conn_id=-n, bytes_sent=d.bytes_sent, bytes_received=d.bytes_received,
-            pid=pid, netns=d.netns or here, saddr=_addr16(d.family, d.src_addr), daddr=_addr16(d.family, d.dst_addr),
+            pid=pid, netns=d.netns or here, saddr=addr16(d.family, d.src_addr), daddr=addr16(d.family, d.dst_addr),
             sport=d.src_port, dport=d.dst_port, family=4 if v4 else 6, role=role, state=d.state,
             comm=_comm16(comm), bytes_retrans=d.bytes_retrans, cgroup_id=d.cgroup_id, srtt_us=d.rtt_us,
             rttvar_us=d.rttvar_us, retrans_segs=d.total_retrans))
@@ -593,6 +593,6 @@ def preexisting(socks: list[DiagSocket], owners: dict[int, tuple[int, str]] | No
     return out
 
 
-def _addr16(family: int, text: str) -> bytes:
+def addr16(family: int, text: str) -> bytes:
     """An address as event records hold it: 16 bytes, IPv4 in the first 4."""
     return socket.inet_pton(family, text).ljust(16, b"\0")

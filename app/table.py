@@ -265,6 +265,10 @@ class ConnectionTable:
         return (self.closed_bytes_sent + sum(map(_sent_of, recs)),
                 self.closed_bytes_received + sum(map(_received_of, recs)))
 
+    def knows(self, conn_id: int) -> bool:
+        """Whether a connection with this kernel number is open or in the closed history."""
+        return conn_id in self._open or conn_id in self._closed
+
     @property
     def preexisting_count(self) -> int:
         return len(self._pre_keys)

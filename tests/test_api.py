@@ -68,6 +68,9 @@ class FakeSource:
     def wall_offset(self, fresh_ns: int) -> int:
         return fresh_ns
 
+    def pending_connects(self, older_than_ns: int) -> list[object]:
+        return []
+
     def lost_kernel(self) -> int:
         return self.lost
 

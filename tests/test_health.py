@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -288,3 +289,44 @@ def test_container_id_is_read_off_the_path() -> None:
     assert container_id(f"/system.slice/docker-{cid}.scope") == cid
     assert container_id(f"/kubepods/burstable/pod1/{cid}") == cid
     assert container_id("/system.slice/nginx.service") is None
+
+
+def test_pending_connect_is_listed_within_a_second_then_times_out(net: VethPair, tmp_path: Path) -> None:
+    from tests.test_serve import start_service, wait_for
+
+    table = f"ct{secrets.token_hex(3)}"
+    nft = (f"add table inet {table}\n"
+           f"add chain inet {table} in {{ type filter hook input priority 0; }}\n"
+           f"add rule inet {table} in tcp dport 19 tcp flags syn drop\n")
+    subprocess.run(["ip", "netns", "exec", net.ns_b, "nft", "-f", "-"], input=nft, text=True, check=True)
+    subprocess.run(["ip", "netns", "exec", net.ns_a, "sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"], check=True)
+    svc = start_service(tmp_path / "serve.log")
+    try:
+        code = (
+            "import socket, select, sys, time\n"
+            "s = socket.socket(socket.AF_INET6); s.setblocking(False)\n"
+            f"s.connect_ex(({net.addr_b6!r}, 19))\n"
+            "print(s.getsockname()[1], flush=True)\n"
+            "select.select([], [s], [], 10)\n"
+            "print(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), flush=True)\n"
+        )
+        p = net.run_in(net.ns_a, [sys.executable, "-c", code])
+        cport = int(p.stdout.readline())  # type: ignore[union-attr]
+        t0 = time.monotonic()
+
+        def pending() -> dict[str, object] | None:
+            conns = svc.json("/connections", state="open", port=cport)
+            return next((c for c in conns if c["src_port"] == cport and c["state"] == "SYN_SENT"), None)
+
+        c = wait_for(pending, 1.0, "the pending connect listed as SYN_SENT with its port")
+        assert time.monotonic() - t0 < 1.0
+        # `ip netns exec` execs the command: the connecting process keeps its pid.
+        assert (c["role"], c["dst_port"], c["dst_addr"], c["pid"]) == ("client", 19, net.addr_b6, p.pid)
+        assert int(p.stdout.readline()) == 110  # type: ignore[union-attr]
+        closed = wait_for(lambda: next((x for x in svc.json("/connections", state="closed", port=cport)
+                                        if x["id"] == c["id"]), None), 5, "the timed-out connect closed")
+        assert closed["close_reason"] == "timeout"
+        evs = svc.json(f"/connections/{c['id']}/events")
+        assert [e["type"] for e in evs].count("syn_sent") == 1, evs
+    finally:
+        svc.stop()

@@ -330,6 +330,22 @@ class RingReader:
         self._prod_map.close()
 
 
+@dataclass(frozen=True)
+class PendingConnect:
+    """A connect still in SYN_SENT, as tracer.c's `connecting` map holds it (no local port yet)."""
+
+    conn_id: int
+    start_ns: int
+    cgroup_id: int
+    inode: int
+    pid: int
+    netns: int
+    family: int
+    dport: int
+    daddr: bytes
+    comm: bytes
+
+
 class Tracer:
     """The compiled, attached BPF programs and their ring buffer."""
 
@@ -526,6 +542,15 @@ class Tracer:
             return stored
         ids[key] = ids.Leaf(fresh_ns)
         return fresh_ns
+
+    def pending_connects(self, older_than_ns: int) -> list[PendingConnect]:
+        """Connects waiting for their SYN-ACK for longer than `older_than_ns` (the kernel's `connecting` map)."""
+        if self._bpf is None:
+            return []
+        now = time.monotonic_ns()
+        return [PendingConnect(p.conn_id, p.start_ns, p.cgroup_id, p.inode, p.pid, p.netns, p.family, p.dport,
+                               bytes(p.daddr), bytes(p.comm))
+                for p in self._bpf[b"connecting"].values() if now - p.start_ns >= older_than_ns]
 
     def forget_sockets(self, keys: list[int]) -> None:
         """Drops map entries of sockets that are gone (closed while no reader was attached)."""

@@ -24,6 +24,7 @@
 //   FILTER_PORT, FILTER_PID, FILTER_FAMILY, FILTER_NETNS  start-up filters (0 = off)
 //   OFF_SRTT_US, OFF_MDEV_US, OFF_TOTAL_RETRANS   tcp_sock RTT and retransmission counters
 //   OFF_SK_ERR                           struct sock.sk_err: why a socket closed
+//   OFF_SK_SOCKET, OFF_SOCKET_ALLOC_SOCKET, OFF_SOCKET_ALLOC_INODE, OFF_INODE_INO   sock -> its socket inode number
 //   RINGBUF_PAGES, MAX_SOCKETS           sizes
 //   WAKEUP_*                             when a record wakes the reader (see submit_flags)
 //   EVENT_SIZE                           sizeof(struct event) as app/bpf/event.py describes it
@@ -136,6 +137,26 @@ struct owner {
 };
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+// Connects still waiting for their SYN-ACK. SYN_SENT carries no local port yet (KERNEL.md) and
+// the syn event rides on the connection's next record, which for a connect that is not answered
+// comes only at its timeout: user space reads this small map a few times a second, finds the
+// port of each old entry by its socket inode (sock_diag), and lists the connection at once.
+// Entries leave at ESTABLISHED or CLOSE; if the map is full a connect is simply not listed early.
+struct pending_connect {
+    u64 conn_id;
+    u64 start_ns;
+    u64 cgroup_id;
+    u64 inode;
+    u32 pid;
+    u32 netns;
+    u8 family;
+    u8 _pad;
+    u16 dport;
+    u8 daddr[16];
+    char comm[16];
+};
+BPF_TABLE("hash", u64, struct pending_connect, connecting, 4096);
 // PIN_* (paths under bpffs, app/bpf/pins.py) make these outlive the loader: a restart
 // keeps tracking the same sockets and numbering connections where it stopped.
 #ifdef PIN_SOCKETS
@@ -396,6 +417,24 @@ static __always_inline u8 close_reason(const void *sk, int oldstate) {
     return CR_NORMAL;
 }
 
+static __always_inline void note_connect(const void *sk, const struct sock_info *si) {
+    struct pending_connect p = {.conn_id = si->conn_id, .start_ns = si->start_ns, .cgroup_id = si->cgroup_id,
+                                .pid = si->pid, .netns = si->netns};
+    __builtin_memcpy(p.comm, si->comm, sizeof(p.comm));
+    struct tuple t;
+    read_tuple(&t, sk);   // the remote end is set before SYN_SENT; the local port is not
+    p.family = t.family;
+    p.dport = t.dport;
+    __builtin_memcpy(p.daddr, t.daddr, 16);
+    void *sock = NULL;
+    bpf_probe_read_kernel(&sock, sizeof(sock), (const char *)sk + OFF_SK_SOCKET);
+    if (sock)
+        bpf_probe_read_kernel(&p.inode, sizeof(p.inode),
+                              (const char *)sock - OFF_SOCKET_ALLOC_SOCKET + OFF_SOCKET_ALLOC_INODE + OFF_INODE_INO);
+    u64 key = (u64)sk;
+    connecting.update(&key, &p);
+}
+
 // raw_tp inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)
 int ct_state(struct bpf_raw_tracepoint_args *ctx) {
     const void *sk = (const void *)ctx->args[0];
@@ -421,6 +460,7 @@ int ct_state(struct bpf_raw_tracepoint_args *ctx) {
             // connect() runs in the caller's process context.
             claim_owner(&si);
             si.flags = EVF_PID_FROM_CONNECT;
+            note_connect(sk, &si);
         } else {
             // The passive child is created in softirq (oldstate is the listener's
             // LISTEN, copied by the clone): whoever runs now is not the owner. The
@@ -465,6 +505,8 @@ int ct_state(struct bpf_raw_tracepoint_args *ctx) {
     if (!si)
         return 0;   // sockets that opened before we attached, and non-TCP ones
 
+    if (si->syn_pending && si->role == ROLE_CLIENT)
+        connecting.delete(&key);   // answered or failed: no longer pending
     if (newstate == ST_CLOSE) {
         emit(sk, si, EV_CLOSE, oldstate, newstate, close_reason(sk, oldstate), bpf_ktime_get_ns());
         sockets.delete(&key);
