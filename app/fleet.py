@@ -254,6 +254,7 @@ class FleetCore(Core):
         self._watchdog: asyncio.Task[None] | None = None
         self._token = uuid.uuid4().hex[:8]
         self._last_error: str | None = None
+        self._stream_created: Any = None   # tells the stream we read from one made again under its name
 
     # --- what the routes ask ---------------------------------------------------------
     @property
@@ -359,6 +360,14 @@ class FleetCore(Core):
                 await old.unsubscribe()
         with contextlib.suppress(NotFoundError):
             await jsm.delete_consumer(s.nats_stream, s.fleet_durable)
+        await ensure_stream(jsm, s)
+        info = await jsm.stream_info(s.nats_stream)
+        if self._stream_created is not None and info.created != self._stream_created:
+            # Another stream of the same name (NATS came back without its store, or it was made
+            # again): read it all; events already applied are dropped by their (host, run, seq).
+            log.warning("fleet: stream %s was created again; reading it from its start", s.nats_stream)
+            self.last_stream_seq = 0
+        self._stream_created = info.created
         start = self.last_stream_seq + 1
         cfg = ConsumerConfig(
             durable_name=s.fleet_durable, deliver_subject=deliver, ack_policy=AckPolicy.ALL,
@@ -366,7 +375,7 @@ class FleetCore(Core):
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start > 1 else DeliverPolicy.ALL,
             opt_start_seq=start if start > 1 else None, description="conn-tracer fleet view")
         await jsm.add_consumer(s.nats_stream, cfg)
-        info = await jsm.stream_info(s.nats_stream)
+        info = await jsm.stream_info(s.nats_stream)   # again: what it holds now that we read it
         if info.state.last_seq <= self.last_stream_seq or info.state.messages == 0:
             self.caught_up = True
         self._last_heard = time.monotonic()

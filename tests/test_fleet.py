@@ -326,6 +326,22 @@ def test_fleet_view_restart_rebuilds_then_goes_on_live(fleet: Fleet) -> None:
     assert view.json("/stats")["hosts"]["hostA"]["duplicates"] == 0
 
 
+@pytest.mark.bpf
+def test_nats_back_without_its_store(fleet: Fleet) -> None:
+    """NATS comes back with an empty store: the agents make the stream again, the fleet view reads
+    the new one from its start, and nothing is missing or doubled (run last: the old stream is gone)."""
+    net, view = fleet.net, fleet.view
+    fleet.nats.kill()
+    fleet.nats.store = fleet.tmp / "store-new"
+    fleet.nats.start()
+    run_in(net, net.ns_a, LOOP, net.addr_a4, 2, 7, 8)
+    wait_for(lambda: exported_all(fleet.a), 20, "hostA's events exported to the new stream")
+    wait_for(lambda: received_all(view, "hostA", fleet.a), 20, "hostA's last event in the fleet view")
+    seq_a = fleet.a.json("/stats")["seq"]
+    assert [e["host_seq"] for e in fleet_events(view, "hostA")] == list(range(1, seq_a + 1))
+    assert view.json("/stats")["hosts"]["hostA"]["lost_export"] == 0
+
+
 def test_fleet_without_nats_says_so_in_one_line(tmp_path: Path) -> None:
     """No NATS server at the URL: one line with the fix, exit 1 (no BPF or root involved)."""
     url = f"nats://127.0.0.1:{free_port()}"
