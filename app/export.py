@@ -278,7 +278,8 @@ class Exporter:
                 self._absorb(texts)
             self.hub.unsubscribe(self.sub)
         self._wake.set()
-        deadline = time.monotonic() + timeout_s
+        # Waiting for a NATS that is away would only delay the shutdown.
+        deadline = time.monotonic() + (timeout_s if self.stats.connected else 0.2)
         for t in self._tasks:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, max(deadline - time.monotonic(), 0.01))
