@@ -88,9 +88,12 @@ class Settings(BaseSettings):
     subscriber_queue_events: int = Field(100_000, ge=1)
     max_open_connections: int = Field(262_144, ge=1, description="bounds the table if close events are lost")
 
-    # Connections open before start-up, from sock_diag; polled to notice them closing (0 = never).
+    # Connections open before start-up, from sock_diag (every network namespace).
     preexisting: bool = True
-    preexisting_refresh_s: float = Field(5.0, ge=0)
+    # How often the table is compared with the kernel's sockets (sock_diag, every namespace): it ends
+    # connections whose close was lost (absent from two sweeps in a row), corrects states (e.g.
+    # CLOSE_WAIT, which emits no event) and refreshes preexisting ones. 0 = never.
+    sweep_interval_s: float = Field(2.0, ge=0, le=3600)
 
     # Reading the ring buffer. The kernel wakes the reader for the first record after
     # wakeup_interval_us without a wake-up (wakeup_busy_interval_us while many records flow),

@@ -49,14 +49,14 @@ class Pipeline:
             return
         if self._announced:
             recs = self._drop_announced(recs)
-        self._publish(recs)
+        self.publish(recs)
 
-    def announce(self, recs: list[EventRecord]) -> None:
-        """Publishes events made in user space (a pending connect's syn_sent) as if the kernel had sent them."""
+    def announce_syn(self, recs: list[EventRecord]) -> None:
+        """Publishes syn_sent events made in user space (pending connects) ahead of their kernel copies."""
         for rec in recs:
             if len(self._announced) < MAX_ANNOUNCED:
                 self._announced.add(rec[CONN_ID])
-        self._publish(recs)
+        self.publish(recs)
 
     def _drop_announced(self, recs: list[EventRecord]) -> list[EventRecord]:
         out = []
@@ -67,7 +67,8 @@ class Pipeline:
             out.append(rec)
         return out
 
-    def _publish(self, recs: list[EventRecord]) -> None:
+    def publish(self, recs: list[EventRecord]) -> None:
+        """Records to the table, then to the hub (which numbers them)."""
         try:
             self.table.apply_many(recs)
         except Exception:

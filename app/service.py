@@ -104,6 +104,8 @@ class Core:
         self.shutting_down = False
         self._refresh_task: asyncio.Task[None] | None = None
         self._pending_task: asyncio.Task[None] | None = None
+        self.sweeps = 0
+        self.sweep_closed = 0   # connections ended by a sweep: their close was never seen
         self.registry: Any = None  # set by create_app
         self.start_error: BaseException | None = None
         self.exporter: Exporter | None = None   # with settings.nats_url: every event to NATS JetStream
@@ -203,8 +205,8 @@ class Core:
         gc.collect()
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
-        if self.settings.preexisting and self.settings.preexisting_refresh_s > 0:
-            self._refresh_task = asyncio.create_task(self._refresh_loop())
+        if self.settings.sweep_interval_s > 0:
+            self._refresh_task = asyncio.create_task(self._sweep_loop())
         self._pending_task = asyncio.create_task(self._pending_loop())
         self._history_task = asyncio.create_task(self.history.run())
 
@@ -261,18 +263,29 @@ class Core:
             recs = [r for r in recs if not self.table.knows(r[CONN_ID])]
             announced.update(r[CONN_ID] for r in recs)
             if recs:
-                self.pipeline.announce(recs)
+                self.pipeline.announce_syn(recs)
 
-    async def _refresh_loop(self) -> None:
-        # sock_diag has no events: poll it, slowly, to notice preexisting connections closing.
-        while self.table.preexisting_count:
-            await asyncio.sleep(self.settings.preexisting_refresh_s)
+    async def _sweep_loop(self) -> None:
+        # The kernel's records can be lost (a full ring) and some transitions emit none: compare the
+        # table with the kernel's sockets now and then, in every namespace, and converge.
+        interval = self.settings.sweep_interval_s
+        while self.tracer is not None:
+            await asyncio.sleep(interval)
+            before = time.monotonic_ns()
+            tracer = self.tracer
             try:
-                socks = await asyncio.to_thread(sockdiag.dump)
-            except OSError as exc:
-                log.warning("sock_diag refresh failed: %s", exc)
+                tracked = [rec for _key, rec in await asyncio.to_thread(tracer.tracked_sockets)]
+                sw = await asyncio.to_thread(sockdiag.sweep)
+                recs = sockdiag.preexisting(sw.sockets, {})
+            except Exception:
+                log.warning("sock_diag sweep failed", exc_info=True)
                 continue
-            self.table.refresh_preexisting({conn_key(r): r for r in sockdiag.preexisting(socks, {})})
+            self.sweeps += 1
+            closes = self.table.converge({conn_key(r): r for r in recs}, set(sw.netns_failed), before,
+                                         time.monotonic_ns(), tracked)
+            if closes:
+                self.sweep_closed += len(closes)
+                self.pipeline.publish(closes)
 
     async def close_websockets(self, code: int = 1001, timeout_s: float = 3.0) -> None:
         """Asks every WebSocket handler to close with `code`, waits (bounded) until they have."""

@@ -330,3 +330,54 @@ def test_pending_connect_is_listed_within_a_second_then_times_out(net: VethPair,
         assert [e["type"] for e in evs].count("syn_sent") == 1, evs
     finally:
         svc.stop()
+
+
+def test_table_converges_to_the_kernel_after_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_serve import start_service, wait_for
+
+    srv = listener()
+    port = srv.getsockname()[1]
+    # A one-page ring that is read once a second: a burst overflows it, losing records.
+    for k, v in (("RINGBUF_PAGES", "1"), ("WAKEUP_INTERVAL_US", "1000000"), ("WAKEUP_BUSY_INTERVAL_US", "1000000"),
+                 ("WAKEUP_BATCH_RECORDS", "1000000"), ("DRAIN_INTERVAL_MS", "1000"), ("SWEEP_INTERVAL_S", "1")):
+        monkeypatch.setenv(f"CONN_TRACER_{k}", v)
+    svc = start_service(tmp_path / "serve.log", "--filter-port", str(port))
+    kept: list[socket.socket] = []
+    try:
+        for i in range(300):
+            c = socket.create_connection(("127.0.0.1", port))
+            s, _ = srv.accept()
+            if i % 30 == 0:
+                kept += [c, s]
+            else:
+                c.close()
+                s.close()
+        # One more left half-closed: the server end sits in CLOSE_WAIT, the client's in FIN_WAIT2.
+        c = socket.create_connection(("127.0.0.1", port))
+        s, _ = srv.accept()
+        c.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+        kept += [c, s]
+        assert wait_for(lambda: svc.json("/stats")["lost_kernel"] or None, 5, "records lost in the kernel")
+        want = {(x.getsockname()[1], x.getpeername()[1]) for x in kept}
+
+        last: dict[tuple[int, int], str] = {}
+
+        def converged() -> dict[tuple[int, int], str] | None:
+            last.clear()
+            last.update({(x["src_port"], x["dst_port"]): x["state"]
+                         for x in svc.json("/connections", state="open", port=port, limit=100000)})
+            return dict(last) if set(last) == want else None
+
+        try:
+            got = wait_for(converged, 8, "open connections equal to the kernel's")
+        except BaseException:
+            raise AssertionError(f"extra {set(last) - want}, missing {want - set(last)}, "
+                                 f"stats {svc.json('/stats')}") from None
+        cport, sport = c.getsockname()[1], s.getsockname()[1]
+        assert got[(sport, cport)] == "CLOSE_WAIT" and got[(cport, sport)] == "FIN_WAIT2", got
+    finally:
+        for x in kept:
+            x.close()
+        srv.close()
+        svc.stop()

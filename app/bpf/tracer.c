@@ -335,6 +335,14 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
         si->connect_us = c ? (u32)c : 1;
     }
 
+    if (!si->sport && t.sport) {
+        // Kept even if this record is lost: the sweep and a restarted loader list the socket from it.
+        si->family = t.family;
+        si->sport = t.sport;
+        si->dport = t.dport;
+        __builtin_memcpy(si->saddr, t.saddr, 16);
+        __builtin_memcpy(si->daddr, t.daddr, 16);
+    }
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count_lost();
@@ -357,13 +365,6 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
     e->connect_us = si->connect_us;
     si->last_tx = e->bytes_sent;
     si->last_rx = e->bytes_received;
-    if (!si->sport && t.sport) {
-        si->family = t.family;
-        si->sport = t.sport;
-        si->dport = t.dport;
-        __builtin_memcpy(si->saddr, t.saddr, 16);
-        __builtin_memcpy(si->daddr, t.daddr, 16);
-    }
     __builtin_memcpy(e->saddr, t.saddr, 16);
     __builtin_memcpy(e->daddr, t.daddr, 16);
     e->sport = t.sport;
