@@ -240,7 +240,13 @@ class Core:
         except OSError as exc:
             log.warning("sock_diag dump failed, preexisting connections not loaded: %s", exc)
             return
-        n = self.table.add_preexisting(sockdiag.preexisting(socks, owners))
+        recs = sockdiag.preexisting(socks, owners)
+        netns = self.settings.filter_netns_inode()
+        if netns:
+            # --filter-netns: the kernel drops other namespaces' sockets; so must this dump (else an
+            # agent watching one namespace lists, and later closes and exports, this one's).
+            recs = [r for r in recs if r[NETNS] == netns]
+        n = self.table.add_preexisting(recs)
         log.info("%d preexisting connections from sock_diag", n)
 
     async def _pending_loop(self) -> None:

@@ -239,6 +239,11 @@ def test_fleet_view_attributes_each_hosts_connections(fleet: Fleet) -> None:
                 timeline = view.json(f"/connections/{c['id']}/events")
                 assert timeline[-1]["type"] == "close" and {e["conn_id"] for e in timeline} == {c["id"]}
 
+        for host, agent, ns in (("hostA", fleet.a, net.ns_a), ("hostB", fleet.b, net.ns_b)):
+            netns = netns_inode(ns)
+            # Open ones too, and the agent's own table (with what it found at start-up): this namespace only.
+            assert {c["netns"] for c in view.json("/connections", host=host, limit=100_000)} == {netns}
+            assert {c["netns"] for c in agent.json("/connections", limit=100_000)} == {netns}
         ids = {c["id"]: h for h in want for c in view.json("/connections", host=h)}
         evs = read_until(every, lambda k: sum(e["type"] == "close" for e in k) >= 5, 20,
                          keep=lambda e: e.get("conn_id") in ids)
