@@ -66,6 +66,8 @@ class Source(Protocol):
 
     def pending_connects(self, older_than_ns: int) -> list[Any]: ...
 
+    def offer_adoption(self, recs: list[EventRecord]) -> None: ...
+
     def bad_records(self) -> int: ...
 
     def close(self) -> None: ...
@@ -149,7 +151,7 @@ class Core:
             # After attach, so a connection opening meanwhile is either in the dump or seen by the
             # kernel (the table drops the sock_diag twin then); never missed.
             if self.settings.preexisting:
-                self._load_preexisting()
+                self._load_preexisting(tracer)
             tracer.start_reading(loop, self.pipeline.on_records)
         except BaseException as exc:
             self.start_error = exc
@@ -190,15 +192,27 @@ class Core:
         n = self.table.restore(keep)
         log.info("restart: %d connections restored from the pinned socket map, %d gone meanwhile", n, len(gone))
 
-    def _load_preexisting(self) -> None:
+    def _load_preexisting(self, tracer: Source) -> None:
+        """Connections open before start-up, in every namespace, from sock_diag; the kernel takes each over
+        (with its p-id) at its next event, so bytes and close come live from then on."""
         try:
-            socks = sockdiag.dump()
+            sw = sockdiag.sweep(targets=self._netns_targets())
             owners = sockdiag.socket_owners()
         except OSError as exc:
             log.warning("sock_diag dump failed, preexisting connections not loaded: %s", exc)
             return
-        n = self.table.add_preexisting(sockdiag.preexisting(socks, owners))
+        recs = sockdiag.preexisting(sw.sockets, owners)
+        n = self.table.add_preexisting(recs)
+        tracer.offer_adoption([r for r in recs if self.table.knows(r[CONN_ID])])
         log.info("%d preexisting connections from sock_diag", n)
+
+    def _netns_targets(self) -> dict[int, list[str]] | None:
+        """With --filter-netns, only that namespace is dumped."""
+        ino = self.settings.filter_netns_inode()
+        if not ino:
+            return None
+        v = self.settings.filter_netns or ""
+        return {ino: [v] if not v.isdigit() else sockdiag.namespaces().get(ino, [])}
 
     async def _pending_loop(self) -> None:
         # A connect waiting for its SYN-ACK has no record yet (its syn event rides on its next one):
@@ -232,7 +246,7 @@ class Core:
             tracer = self.tracer
             try:
                 tracked = [rec for _key, rec in await asyncio.to_thread(tracer.tracked_sockets)]
-                sw = await asyncio.to_thread(sockdiag.sweep)
+                sw = await asyncio.to_thread(sockdiag.sweep, targets=self._netns_targets())
                 recs = sockdiag.preexisting(sw.sockets, {})
             except Exception:
                 log.warning("sock_diag sweep failed", exc_info=True)

@@ -23,11 +23,18 @@ from typing import Any
 
 from app.bpf.btf import BtfError, tracer_defines
 from app.bpf.event import (
+    CGROUP_ID,
+    COMM,
+    CONN_ID,
     EV_STATE_CHANGE,
     FRAME,
+    PID,
+    PREEXISTING_ID,
     RECORD,
     RING_HEADER_SIZE,
+    ROLE,
     ST_ESTABLISHED,
+    START_NS,
     EventRecord,
     make_record,
 )
@@ -551,6 +558,26 @@ class Tracer:
         return [PendingConnect(p.conn_id, p.start_ns, p.cgroup_id, p.inode, p.pid, p.netns, p.family, p.dport,
                                bytes(p.daddr), bytes(p.comm))
                 for p in self._bpf[b"connecting"].values() if now - p.start_ns >= older_than_ns]
+
+    def offer_adoption(self, recs: list[EventRecord]) -> None:
+        """Lets the kernel take over sockets found open at start-up (ids PREEXISTING_ID + socket cookie)."""
+        if self._bpf is None or not recs:
+            return
+        table = self._bpf[b"adoptees"]
+        n = 0
+        for r in recs:
+            if r[CONN_ID] < PREEXISTING_ID:
+                continue
+            a = table.Leaf()
+            a.conn_id, a.start_ns, a.cgroup_id, a.pid, a.role = r[CONN_ID], r[START_NS], r[CGROUP_ID], r[PID], r[ROLE]
+            a.comm = r[COMM][:15]
+            try:
+                table[table.Key(r[CONN_ID] - PREEXISTING_ID)] = a
+            except Exception:   # the map is full: that one stays polled by the sweep
+                break
+            n += 1
+        count = self._bpf[b"adopt_count"]
+        count[count.Key(0)] = count.Leaf(n)
 
     def forget_sockets(self, keys: list[int]) -> None:
         """Drops map entries of sockets that are gone (closed while no reader was attached)."""
