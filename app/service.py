@@ -68,6 +68,8 @@ class Source(Protocol):
 
     def offer_adoption(self, recs: list[EventRecord]) -> None: ...
 
+    def recursion_misses(self) -> int: ...
+
     def bad_records(self) -> int: ...
 
     def close(self) -> None: ...
@@ -113,6 +115,9 @@ class Core:
     def lost_kernel(self) -> int:
         return self.tracer.lost_kernel() if self.tracer is not None else 0
 
+    def recursion_misses(self) -> int:
+        return self.tracer.recursion_misses() if self.tracer is not None else 0
+
     def decode_errors(self) -> int:
         """Records that could not be decoded: a foreign size in the ring, or values the decoder rejects."""
         return self.pipeline.decode_errors + (self.tracer.bad_records() if self.tracer is not None else 0)
@@ -123,7 +128,8 @@ class Core:
         sent, received = table.byte_totals()
         return Totals(opened=counts["syn_sent"] + counts["syn_recv"], closed=counts["close"], events=self.hub.seq,
                       bytes_sent=sent, bytes_received=received,
-                      lost=self.lost_kernel() + self.hub.dropped_subscribers + self.decode_errors(),
+                      lost=(self.lost_kernel() + self.hub.dropped_subscribers + self.decode_errors()
+                            + self.recursion_misses()),
                       open=table.open_count, subscribers=len(self.hub.subscribers))
 
     def healthy(self) -> tuple[bool, str | None]:

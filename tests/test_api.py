@@ -74,6 +74,9 @@ class FakeSource:
     def offer_adoption(self, recs: list[tuple[object, ...]]) -> None:
         pass
 
+    def recursion_misses(self) -> int:
+        return 0
+
     def lost_kernel(self) -> int:
         return self.lost
 

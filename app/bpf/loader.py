@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import ctypes.util
+import functools
 import logging
 import mmap
 import os
@@ -57,6 +59,16 @@ DATA_QUEUE_KPROBE_PROGRAM = "ct_dq_kprobe"
 TRACEPOINT_CATEGORY = "sock"
 
 CTR_LOST = 1   # tracer.c: counters[CTR_LOST]
+# struct bpf_prog_info (uapi, stable ABI): recursion_misses is the u64 at byte 208 (Linux 5.12+).
+PROG_INFO_SIZE = 256
+PROG_INFO_RECURSION_MISSES = 208
+
+
+@functools.cache
+def _libbpf_info() -> ctypes.CDLL:
+    lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+    lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    return lib
 # A wake-up window with this many records means "busy": the next window is wakeup_busy_interval_us.
 WAKEUP_BUSY_RECORDS = 64
 
@@ -558,6 +570,21 @@ class Tracer:
         return [PendingConnect(p.conn_id, p.start_ns, p.cgroup_id, p.inode, p.pid, p.netns, p.family, p.dport,
                                bytes(p.daddr), bytes(p.comm))
                 for p in self._bpf[b"connecting"].values() if now - p.start_ns >= older_than_ns]
+
+    def recursion_misses(self) -> int:
+        """Runs of our programs the kernel skipped (a program was already running on that CPU, e.g. an
+        interrupt hit while one ran): events that were never recorded. bpf_prog_info.recursion_misses."""
+        if self._bpf is None:
+            return 0
+        total = 0
+        for fn in self._bpf.funcs.values():
+            info = ctypes.create_string_buffer(PROG_INFO_SIZE)
+            size = ctypes.c_uint32(PROG_INFO_SIZE)
+            if _libbpf_info().bpf_obj_get_info_by_fd(fn.fd, info, ctypes.byref(size)) == 0 and \
+                    size.value >= PROG_INFO_RECURSION_MISSES + 8:
+                total += int.from_bytes(info.raw[PROG_INFO_RECURSION_MISSES:PROG_INFO_RECURSION_MISSES + 8],
+                                        "little")
+        return total
 
     def offer_adoption(self, recs: list[EventRecord]) -> None:
         """Lets the kernel take over sockets found open at start-up (ids PREEXISTING_ID + socket cookie)."""
