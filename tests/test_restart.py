@@ -173,3 +173,19 @@ def test_connections_older_than_the_agent_go_live_and_survive_a_restart(tmp_path
                         f.close()
             svc.stop()
             subprocess.run([str(CONN_TRACER), "cleanup", "--instance", instance], capture_output=True, check=True)
+
+
+def test_two_agents_cannot_share_a_named_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    instance = f"test-{secrets.token_hex(3)}"
+    monkeypatch.setenv("CONN_TRACER_PIN", "1")
+    svc = start_service(tmp_path / "one.log", "--instance", instance)
+    try:
+        second = subprocess.run([str(CONN_TRACER), "serve", "--port", "0", "--instance", instance],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"another conn-tracer uses instance {instance!r}" in lines[0], second.stderr
+        assert svc.healthy()
+    finally:
+        svc.stop()
+        subprocess.run([str(CONN_TRACER), "cleanup", "--instance", instance], capture_output=True, check=True)

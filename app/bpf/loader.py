@@ -40,7 +40,7 @@ from app.bpf.event import (
     EventRecord,
     make_record,
 )
-from app.bpf.pins import PinError, PinSet
+from app.bpf.pins import DEFAULT_INSTANCE, PinError, PinLocked, PinSet
 from app.config import Settings
 
 log = logging.getLogger(__name__)
@@ -413,14 +413,21 @@ class Tracer:
 
         cflags = build_cflags(self.settings, self.report)
         if self.settings.pin:
-            pins = PinSet(self.settings.instance, TRACER_C.read_text(), {"MAX_SOCKETS": self.settings.max_sockets})
+            instance = self.settings.instance or DEFAULT_INSTANCE
+            pins = PinSet(instance, TRACER_C.read_text(), {"MAX_SOCKETS": self.settings.max_sockets})
             try:
                 self.resumed = pins.prepare()
+                self._pins = pins
+                cflags += pins.cflags()
+            except PinLocked as exc:
+                pins.release()
+                if self.settings.instance is not None:
+                    raise TracerError(str(exc)) from exc
+                log.warning("instance %r is held by another running conn-tracer: this one pins nothing "
+                            "(give it --instance NAME to survive restarts)", instance)
             except (PinError, OSError) as exc:
                 pins.release()
                 raise TracerError(str(exc)) from exc
-            self._pins = pins
-            cflags += pins.cflags()
         t0 = time.perf_counter()
         try:
             bpf = _ManualBPF(src_file=str(TRACER_C).encode(), cflags=cflags)
