@@ -383,6 +383,10 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
     e->connect_us = si->connect_us;
     si->last_tx = e->bytes_sent;
     si->last_rx = e->bytes_received;
+    // Any record carries the counters: the next data event is due an interval after it. A
+    // connection shorter than the interval so costs no data event at all (its bytes come with
+    // ESTABLISHED and CLOSE); a quiet one's last bytes are refreshed by user space's sweep.
+    si->last_data_ns = now;
     __builtin_memcpy(e->saddr, t.saddr, 16);
     __builtin_memcpy(e->daddr, t.daddr, 16);
     e->sport = t.sport;
@@ -568,8 +572,7 @@ static __always_inline int data_due(struct sock_info *si, u64 now) {
     if (si->last_data_ns && now - si->last_data_ns < DATA_QUEUE_INTERVAL_NS)
         return 0;
 #endif
-    si->last_data_ns = now;
-    return 1;
+    return 1;   // emit() restarts the clock
 }
 
 static __always_inline void on_data_queued(const void *sk) {
