@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--replay-events", type=int, metavar="N", help="events kept for /events and WebSocket resume")
     serve.add_argument("--subscriber-queue-events", type=int, metavar="N",
                        help="how far a WebSocket subscriber may fall behind before it loses events")
-    serve.add_argument("--instance", help="name of this agent's pinned state under /sys/fs/bpf/conn-tracer/")
+    serve.add_argument("--instance", help="name of this agent's pinned state under /sys/fs/bpf/conn-tracer/ "
+                                          "(default: default, or nothing pinned if another agent holds it)")
     serve.add_argument("--no-pin", dest="pin", action="store_false", default=None,
                        help="do not pin the socket map: a restart forgets the connections being tracked")
     serve.add_argument("--host-name", metavar="NAME", help="this agent's name on every event (default: the hostname)")
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cleanup = sub.add_parser("cleanup", help="remove the pinned maps an instance left under /sys/fs/bpf")
     cleanup.add_argument("--instance", default="default", help="which instance (default: default)")
+    cleanup.add_argument("--all", action="store_true", help="every instance")
 
     check = sub.add_parser("check", help="say what this host supports and which attach mode will be used")
     _add_config(check)
@@ -251,18 +253,21 @@ def cmd_check(settings: Settings) -> int:
     return 1
 
 
-def cmd_cleanup(instance: str) -> int:
-    from app.bpf.pins import PinError, remove
+def cmd_cleanup(instance: str, every: bool) -> int:
+    from app.bpf.pins import PIN_ROOT, PinError, remove
 
+    names = sorted(p.name for p in PIN_ROOT.iterdir()) if every and PIN_ROOT.is_dir() else [instance]
+    removed = []
     try:
-        removed = remove(instance)
+        for name in names:
+            removed += remove(name)
     except (PinError, OSError) as exc:
         print(f"conn-tracer: cleanup: {exc}", file=sys.stderr)
         return 1
     for path in removed:
         print(f"removed {path}")
     if not removed:
-        print(f"nothing pinned for instance {instance!r}")
+        print("nothing pinned" if every else f"nothing pinned for instance {instance!r}")
     return 0
 
 
@@ -448,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check(settings)
         if args.command == "cleanup":
-            return cmd_cleanup(args.instance)
+            return cmd_cleanup(args.instance, args.all)
         if args.command == "fleet":
             if not settings.nats_url:
                 print("conn-tracer: fleet needs --nats nats://HOST:4222 (or CONN_TRACER_NATS_URL)", file=sys.stderr)

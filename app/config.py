@@ -78,7 +78,9 @@ class Settings(BaseSettings):
 
     # Restart continuity: the socket map and id counter pinned under /sys/fs/bpf/conn-tracer/<instance>/.
     pin: bool = True
-    instance: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # None: "default", and if another running agent holds it this one runs unpinned (with a warning)
+    # rather than not at all; a name given explicitly must be free.
+    instance: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
     # User side bounds.
     max_closed_connections: int = Field(10_000, ge=0)

@@ -71,6 +71,10 @@ class Source(Protocol):
 
     def pending_connects(self, older_than_ns: int) -> list[Any]: ...
 
+    def offer_adoption(self, recs: list[EventRecord]) -> None: ...
+
+    def recursion_misses(self) -> int: ...
+
     def bad_records(self) -> int: ...
 
     def close(self) -> None: ...
@@ -145,6 +149,9 @@ class Core:
     def lost_kernel(self) -> int:
         return self.tracer.lost_kernel() if self.tracer is not None else 0
 
+    def recursion_misses(self) -> int:
+        return self.tracer.recursion_misses() if self.tracer is not None else 0
+
     def decode_errors(self) -> int:
         """Records that could not be decoded: a foreign size in the ring, or values the decoder rejects."""
         return self.pipeline.decode_errors + (self.tracer.bad_records() if self.tracer is not None else 0)
@@ -155,7 +162,8 @@ class Core:
         sent, received = table.byte_totals()
         return Totals(opened=counts["syn_sent"] + counts["syn_recv"], closed=counts["close"], events=self.hub.seq,
                       bytes_sent=sent, bytes_received=received,
-                      lost=self.lost_kernel() + self.hub.dropped_subscribers + self.decode_errors(),
+                      lost=(self.lost_kernel() + self.hub.dropped_subscribers + self.decode_errors()
+                            + self.recursion_misses()),
                       open=table.open_count, subscribers=len(self.hub.subscribers))
 
     def healthy(self) -> tuple[bool, str | None]:
@@ -183,7 +191,7 @@ class Core:
             # After attach, so a connection opening meanwhile is either in the dump or seen by the
             # kernel (the table drops the sock_diag twin then); never missed.
             if self.settings.preexisting:
-                self._load_preexisting()
+                self._load_preexisting(tracer)
             if self.settings.nats_url:
                 from app.export import Exporter  # only here: nats-py is needed only when exporting
 
@@ -233,21 +241,27 @@ class Core:
         n = self.table.restore(keep)
         log.info("restart: %d connections restored from the pinned socket map, %d gone meanwhile", n, len(gone))
 
-    def _load_preexisting(self) -> None:
+    def _load_preexisting(self, tracer: Source) -> None:
+        """Connections open before start-up, in every namespace, from sock_diag; the kernel takes each over
+        (with its p-id) at its next event, so bytes and close come live from then on."""
         try:
-            socks = sockdiag.dump()
+            sw = sockdiag.sweep(targets=self._netns_targets())
             owners = sockdiag.socket_owners()
         except OSError as exc:
             log.warning("sock_diag dump failed, preexisting connections not loaded: %s", exc)
             return
-        recs = sockdiag.preexisting(socks, owners)
-        netns = self.settings.filter_netns_inode()
-        if netns:
-            # --filter-netns: the kernel drops other namespaces' sockets; so must this dump (else an
-            # agent watching one namespace lists, and later closes and exports, this one's).
-            recs = [r for r in recs if r[NETNS] == netns]
+        recs = sockdiag.preexisting(sw.sockets, owners)
         n = self.table.add_preexisting(recs)
+        tracer.offer_adoption([r for r in recs if self.table.knows(r[CONN_ID])])
         log.info("%d preexisting connections from sock_diag", n)
+
+    def _netns_targets(self) -> dict[int, list[str]] | None:
+        """With --filter-netns, only that namespace is dumped."""
+        ino = self.settings.filter_netns_inode()
+        if not ino:
+            return None
+        v = self.settings.filter_netns or ""
+        return {ino: [v] if not v.isdigit() else sockdiag.namespaces().get(ino, [])}
 
     async def _pending_loop(self) -> None:
         # A connect waiting for its SYN-ACK has no record yet (its syn event rides on its next one):
@@ -281,7 +295,7 @@ class Core:
             tracer = self.tracer
             try:
                 tracked = [rec for _key, rec in await asyncio.to_thread(tracer.tracked_sockets)]
-                sw = await asyncio.to_thread(sockdiag.sweep)
+                sw = await asyncio.to_thread(sockdiag.sweep, targets=self._netns_targets())
                 recs = sockdiag.preexisting(sw.sockets, {})
             except Exception:
                 log.warning("sock_diag sweep failed", exc_info=True)

@@ -231,7 +231,8 @@ class ConnectionTable:
 
     def converge(self, kernel: dict[ConnKey, EventRecord], unreadable_netns: set[int], before_ns: int,
                  now_ns: int, tracked: Iterable[EventRecord] = ()) -> list[EventRecord]:
-        """Brings open connections in line with a sweep of the kernel's sockets (`kernel`, by key).
+        """Brings open connections in line with a sweep of the kernel's sockets (`kernel`, by key): states and
+        counters that moved without an event are taken from it.
 
         `tracked` are the sockets the tracer's own map holds (with their ids): one the table lacks (all
         its records lost) and the sweep found is added, in the state the sweep saw.
@@ -266,8 +267,16 @@ class ConnectionTable:
             if c.preexisting:
                 c.rec = replaced(r, {i: k[i] for i in (TS_NS, BYTES_SENT, BYTES_RECEIVED, BYTES_RETRANS, SRTT_US,
                                                         RTTVAR_US, RETRANS_SEGS, STATE)})
-            elif k[STATE] != r[STATE]:
-                c.rec = replaced(r, {STATE: k[STATE]})
+            else:
+                # The kernel coalesces data events, so a connection that went quiet right after
+                # moving data shows its last bytes only here; states such as CLOSE_WAIT emit nothing.
+                fresh = {i: k[i] for i in (BYTES_SENT, BYTES_RECEIVED, BYTES_RETRANS, RETRANS_SEGS) if k[i] > r[i]}
+                if k[STATE] != r[STATE]:
+                    fresh[STATE] = k[STATE]
+                if fresh:
+                    if k[SRTT_US]:
+                        fresh.update({SRTT_US: k[SRTT_US], RTTVAR_US: k[RTTVAR_US]})
+                    c.rec = replaced(r, fresh)
         return closes
 
     def knows(self, conn_id: int) -> bool:

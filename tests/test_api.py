@@ -71,6 +71,12 @@ class FakeSource:
     def pending_connects(self, older_than_ns: int) -> list[object]:
         return []
 
+    def offer_adoption(self, recs: list[tuple[object, ...]]) -> None:
+        pass
+
+    def recursion_misses(self) -> int:
+        return 0
+
     def lost_kernel(self) -> int:
         return self.lost
 

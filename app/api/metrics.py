@@ -42,6 +42,7 @@ class CoreCollector(Collector):
         yield ev
         lost = CounterMetricFamily("conn_tracer_lost_events", "Events lost, per place (source)", labels=["source"])
         lost.add_metric(["kernel"], core.lost_kernel())
+        lost.add_metric(["recursion"], core.recursion_misses())
         lost.add_metric(["subscriber"], hub.dropped_subscribers)
         lost.add_metric(["decode"], core.decode_errors())
         lost.add_metric(["export"], core.lost_export())

@@ -50,6 +50,7 @@ class Stats(BaseModel):
 
     events: dict[str, int] = Field(description="events published, per event type")
     lost_kernel: int = Field(description="events the kernel could not put in the full ring buffer")
+    lost_recursion: int = Field(0, description="program runs the kernel skipped (recursion guard): events never seen")
     dropped_subscribers: int = Field(description="events dropped to slow WebSocket subscribers, all together")
     decode_errors: int = Field(description="ring-buffer records that could not be decoded (skipped)")
     connections_open: int = Field(description="open connections in the table")

@@ -189,6 +189,7 @@ TRACER_OFFSETS: tuple[tuple[str, str, str], ...] = (
     ("OFF_TOTAL_RETRANS", "tcp_sock", "total_retrans"),
     ("OFF_SK_ERR", "sock", "sk_err"),
     ("OFF_SK_SOCKET", "sock", "sk_socket"),
+    ("OFF_SKC_COOKIE", "sock_common", "skc_cookie"),
     ("OFF_SOCKET_ALLOC_SOCKET", "socket_alloc", "socket"),
     ("OFF_SOCKET_ALLOC_INODE", "socket_alloc", "vfs_inode"),
     ("OFF_INODE_INO", "inode", "i_ino"),

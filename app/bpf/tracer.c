@@ -24,6 +24,7 @@
 //   FILTER_PORT, FILTER_PID, FILTER_FAMILY, FILTER_NETNS  start-up filters (0 = off)
 //   OFF_SRTT_US, OFF_MDEV_US, OFF_TOTAL_RETRANS   tcp_sock RTT and retransmission counters
 //   OFF_SK_ERR                           struct sock.sk_err: why a socket closed
+//   OFF_SKC_COOKIE                       sock_common.skc_cookie (set once sock_diag has dumped the socket)
 //   OFF_SK_SOCKET, OFF_SOCKET_ALLOC_SOCKET, OFF_SOCKET_ALLOC_INODE, OFF_INODE_INO   sock -> its socket inode number
 //   RINGBUF_PAGES, MAX_SOCKETS           sizes
 //   WAKEUP_*                             when a record wakes the reader (see submit_flags)
@@ -137,6 +138,23 @@ struct owner {
 };
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+// Sockets open before we attached, found by user space through sock_diag (which gives every socket
+// it dumps a cookie): keyed by that cookie, with the id, role and owner user space listed them
+// under. The first hook that misses `sockets` for such a socket takes it over (adopt()), so its
+// bytes, state and close come from the kernel from then on. adopt_count[0] is the number of
+// entries: while 0 (the usual case) a miss costs one array lookup.
+struct adoptee {
+    u64 conn_id;
+    u64 start_ns;
+    u64 cgroup_id;
+    u32 pid;
+    u8 role;
+    u8 _pad[3];
+    char comm[16];
+};
+BPF_TABLE("hash", u64, struct adoptee, adoptees, 16384);
+BPF_ARRAY(adopt_count, u64, 1);
 
 // Connects still waiting for their SYN-ACK. SYN_SENT carries no local port yet (KERNEL.md) and
 // the syn event rides on the connection's next record, which for a connect that is not answered
@@ -365,6 +383,10 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
     e->connect_us = si->connect_us;
     si->last_tx = e->bytes_sent;
     si->last_rx = e->bytes_received;
+    // Any record carries the counters: the next data event is due an interval after it. A
+    // connection shorter than the interval so costs no data event at all (its bytes come with
+    // ESTABLISHED and CLOSE); a quiet one's last bytes are refreshed by user space's sweep.
+    si->last_data_ns = now;
     __builtin_memcpy(e->saddr, t.saddr, 16);
     __builtin_memcpy(e->daddr, t.daddr, 16);
     e->sport = t.sport;
@@ -436,6 +458,28 @@ static __always_inline void note_connect(const void *sk, const struct sock_info 
     connecting.update(&key, &p);
 }
 
+static __always_inline struct sock_info *adopt(const void *sk, u64 key) {
+    int z = 0;
+    u64 *n = adopt_count.lookup(&z);
+    if (!n || !*n)
+        return NULL;
+    u64 cookie = 0;
+    bpf_probe_read_kernel(&cookie, sizeof(cookie), (const char *)sk + OFF_SKC_COOKIE);
+    if (!cookie)
+        return NULL;
+    struct adoptee *a = adoptees.lookup(&cookie);
+    if (!a)
+        return NULL;
+    struct sock_info si = {.conn_id = a->conn_id, .start_ns = a->start_ns, .cgroup_id = a->cgroup_id,
+                           .pid = a->pid, .role = a->role};
+    __builtin_memcpy(si.comm, a->comm, sizeof(si.comm));
+    si.netns = read_netns(sk);
+    sockets.update(&key, &si);
+    adoptees.delete(&cookie);
+    __sync_fetch_and_add(n, -1);
+    return sockets.lookup(&key);
+}
+
 // raw_tp inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)
 int ct_state(struct bpf_raw_tracepoint_args *ctx) {
     const void *sk = (const void *)ctx->args[0];
@@ -504,7 +548,9 @@ int ct_state(struct bpf_raw_tracepoint_args *ctx) {
 #endif
     struct sock_info *si = sockets.lookup(&key);
     if (!si)
-        return 0;   // sockets that opened before we attached, and non-TCP ones
+        si = adopt(sk, key);
+    if (!si)
+        return 0;   // non-TCP sockets, and sockets that opened before we attached and were not dumped
 
     if (si->syn_pending && si->role == ROLE_CLIENT)
         connecting.delete(&key);   // answered or failed: no longer pending
@@ -526,13 +572,14 @@ static __always_inline int data_due(struct sock_info *si, u64 now) {
     if (si->last_data_ns && now - si->last_data_ns < DATA_QUEUE_INTERVAL_NS)
         return 0;
 #endif
-    si->last_data_ns = now;
-    return 1;
+    return 1;   // emit() restarts the clock
 }
 
 static __always_inline void on_data_queued(const void *sk) {
     u64 key = (u64)sk;
     struct sock_info *si = sockets.lookup(&key);
+    if (!si)
+        si = adopt(sk, key);
     if (!si)
         return;   // not a connection we track (listening sockets land here too)
     // sk_data_ready also fires for a bare FIN (to wake a reader for EOF): that is
@@ -569,6 +616,8 @@ int ct_data_ready(struct bpf_raw_tracepoint_args *ctx) {
 static __always_inline struct sock_info *on_syscall_io(const void *sk) {
     u64 key = (u64)sk;
     struct sock_info *si = sockets.lookup(&key);
+    if (!si)
+        si = adopt(sk, key);
     if (si && (si->pid == 0 || (si->flags & EVF_PID_FROM_LISTENER))) {
         claim_owner(si);
         si->flags &= ~EVF_PID_FROM_LISTENER;

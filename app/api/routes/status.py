@@ -21,6 +21,7 @@ async def stats(core: CoreDep) -> Stats:
     return Stats(
         events=hub.counts,
         lost_kernel=core.lost_kernel(),
+        lost_recursion=core.recursion_misses(),
         dropped_subscribers=hub.dropped_subscribers,
         decode_errors=core.decode_errors(),
         connections_open=table.open_count,
