@@ -23,6 +23,7 @@
 //   STATE_EVENTS                         emit an event for every other state change too
 //   FILTER_PORT, FILTER_PID, FILTER_FAMILY, FILTER_NETNS  start-up filters (0 = off)
 //   OFF_SRTT_US, OFF_MDEV_US, OFF_TOTAL_RETRANS   tcp_sock RTT and retransmission counters
+//   TCP_WINDOWS, TCPW*_OFF/SIZE, W_*, AT_*   the same counters grouped into one or two reads
 //   OFF_SK_ERR                           struct sock.sk_err: why a socket closed
 //   OFF_SKC_COOKIE                       sock_common.skc_cookie (set once sock_diag has dumped the socket)
 //   OFF_SK_SOCKET, OFF_SOCKET_ALLOC_SOCKET, OFF_SOCKET_ALLOC_INODE, OFF_INODE_INO   sock -> its socket inode number
@@ -323,6 +324,17 @@ static __always_inline int passes_filters(const struct tuple *t, u32 pid) {
     return 1;
 }
 
+// The tcp_sock counters in (at most) two reads: app/bpf/btf.py tcp_windows() groups them.
+#if TCP_WINDOWS
+struct tcp_windows {
+    u8 w0[TCPW0_SIZE];
+    u8 w1[TCPW1_SIZE];
+};
+#define TCPW_FIELD(w, name, type) (*(type *)((W_##name ? (w)->w1 : (w)->w0) + AT_##name))
+// Too big for the 512-byte BPF stack beside the rest of emit(): a per-CPU scratch buffer.
+BPF_PERCPU_ARRAY(tcp_scratch, struct tcp_windows, 1);
+#endif
+
 // Writes one record for a tracked socket straight into the ring. If the socket's
 // syn event is still pending, the record carries EVF_SYN: the kernel sets the
 // local port and address only after the SYN_SENT / SYN_RECV transition, so this
@@ -338,12 +350,29 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
         return;
     u64 sent = 0, received = 0, retrans = 0;
     u32 srtt = 0, mdev = 0, retrans_segs = 0;
+#if TCP_WINDOWS
+    int z = 0;
+    struct tcp_windows *w = tcp_scratch.lookup(&z);
+    if (!w)
+        return;
+    bpf_probe_read_kernel(w->w0, sizeof(w->w0), (const char *)sk + TCPW0_OFF);
+#if TCP_WINDOWS > 1
+    bpf_probe_read_kernel(w->w1, sizeof(w->w1), (const char *)sk + TCPW1_OFF);
+#endif
+    sent = TCPW_FIELD(w, BYTES_SENT, u64);
+    received = TCPW_FIELD(w, BYTES_RECEIVED, u64);
+    retrans = TCPW_FIELD(w, BYTES_RETRANS, u64);
+    srtt = TCPW_FIELD(w, SRTT_US, u32);
+    mdev = TCPW_FIELD(w, MDEV_US, u32);
+    retrans_segs = TCPW_FIELD(w, TOTAL_RETRANS, u32);
+#else
     bpf_probe_read_kernel(&sent, sizeof(sent), (const char *)sk + OFF_BYTES_SENT);
     bpf_probe_read_kernel(&received, sizeof(received), (const char *)sk + OFF_BYTES_RECEIVED);
     bpf_probe_read_kernel(&retrans, sizeof(retrans), (const char *)sk + OFF_BYTES_RETRANS);
     bpf_probe_read_kernel(&srtt, sizeof(srtt), (const char *)sk + OFF_SRTT_US);
     bpf_probe_read_kernel(&mdev, sizeof(mdev), (const char *)sk + OFF_MDEV_US);
     bpf_probe_read_kernel(&retrans_segs, sizeof(retrans_segs), (const char *)sk + OFF_TOTAL_RETRANS);
+#endif
     srtt >>= 3;   // the kernel keeps srtt << 3 and mdev << 2
     mdev >>= 2;
     if (type == EV_ESTABLISHED && !si->connect_us) {
