@@ -590,6 +590,89 @@ fail:
     return NULL;
 }
 
+// --- Traffic totals ---------------------------------------------------------------------------
+// traffic_fold(recs, bounds_us) -> list of ints, app/traffic.py's fold() in one pass:
+//   [0:12]   closes by role (2) x close reason (0..5)
+//   [12:20]  sums by field (bytes_sent, bytes_received, bytes_retrans, retrans_segs) x role
+//   then for connect_us and srtt_us, by role: len(bounds)+1 bucket counts (values of 0 not counted),
+//   and the sum of the values.
+static PyObject *traffic_fold(PyObject *self, PyObject *args) {
+    PyObject *recs, *bounds;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &recs, &PyTuple_Type, &bounds) || !configured())
+        return NULL;
+    enum { NB_MAX = 64 };
+    Py_ssize_t nb = PyTuple_GET_SIZE(bounds);
+    if (nb > NB_MAX) {
+        PyErr_SetString(PyExc_ValueError, "too many buckets");
+        return NULL;
+    }
+    double bound[NB_MAX];
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        bound[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    unsigned long long closed[2][6] = {{0}}, sums[4][2] = {{0}}, hist[2][2][NB_MAX + 1], hsum[2][2] = {{0}};
+    memset(hist, 0, sizeof(hist));
+    const int sum_fields[4] = {F_SENT, F_RECEIVED, F_RETRANS, F_RETRANS_SEGS};
+    const int hist_fields[2] = {F_CONNECT, F_SRTT};
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(recs); i++) {
+        PyObject *rec = PyList_GET_ITEM(recs, i);
+        if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) < rec_len) {
+            PyErr_SetString(PyExc_TypeError, "not an event record");
+            return NULL;
+        }
+        unsigned long long role = PyLong_AsUnsignedLongLong(FIELD(rec, F_ROLE));
+        unsigned long long reason = PyLong_AsUnsignedLongLong(FIELD(rec, F_CLOSE_REASON));
+        if (PyErr_Occurred())
+            return NULL;
+        role = role ? 1 : 0;
+        closed[role][reason < 6 ? reason : 0]++;
+        for (int f = 0; f < 4; f++) {
+            sums[f][role] += PyLong_AsUnsignedLongLong(FIELD(rec, sum_fields[f]));
+        }
+        for (int h = 0; h < 2; h++) {
+            unsigned long long v = PyLong_AsUnsignedLongLong(FIELD(rec, hist_fields[h]));
+            if (!v)
+                continue;
+            Py_ssize_t b = 0;   // bisect_left: the first bound >= v
+            while (b < nb && bound[b] < (double)v)
+                b++;
+            hist[h][role][b]++;
+            hsum[h][role] += v;
+        }
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+#define PUSH(x)                                                                   \
+    do {                                                                          \
+        PyObject *o_ = PyLong_FromUnsignedLongLong(x);                            \
+        if (!o_ || PyList_Append(out, o_)) {                                      \
+            Py_XDECREF(o_);                                                       \
+            Py_DECREF(out);                                                       \
+            return NULL;                                                          \
+        }                                                                         \
+        Py_DECREF(o_);                                                            \
+    } while (0)
+    for (int r = 0; r < 2; r++)
+        for (int c = 0; c < 6; c++)
+            PUSH(closed[r][c]);
+    for (int f = 0; f < 4; f++)
+        for (int r = 0; r < 2; r++)
+            PUSH(sums[f][r]);
+    for (int h = 0; h < 2; h++)
+        for (int r = 0; r < 2; r++) {
+            for (Py_ssize_t b = 0; b <= nb; b++)
+                PUSH(hist[h][r][b]);
+            PUSH(hsum[h][r]);
+        }
+#undef PUSH
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "configure(positions, record_len, type_names, state_names, role_names, "
                                            "family_names, syn_type_by_role, syn_state_by_role, close_reason_names, "
@@ -597,6 +680,7 @@ static PyMethodDef methods[] = {
     {"configure_frames", configure_frames, METH_VARARGS, "configure_frames(frame_size, ((offset, size), ...))"},
     {"decode", decode, METH_VARARGS, "decode(frames, out) -> bad: each valid frame's record into out, syn events inserted"},
     {"json_many", json_many, METH_VARARGS, "json_many(first_seq, recs, wall_offset_ns, steady, tail) -> list[str]"},
+    {"traffic_fold", traffic_fold, METH_VARARGS, "traffic_fold(recs, bounds_us) -> list[int] (app/traffic.py fold)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -123,6 +123,8 @@ class ConnectionTable:
         # Key -> id of connections read from sock_diag at start-up, to drop such an entry if the
         # kernel reports the same socket too (it was opening while we attached).
         self._pre_keys: dict[ConnKey, int] = {}
+        # Only a connection that began before the sock_diag dump can be such a twin: later ones skip the check.
+        self._twins_before_ns = 0
 
     def apply(self, rec: EventRecord) -> None:
         """Creates or updates the connection of `rec`."""
@@ -137,11 +139,12 @@ class ConnectionTable:
         move = op.move_to_end
         first_sight = self._first_sight
         max_open = self.max_open
+        twins_before = self._twins_before_ns
         for rec in recs:
             cid = rec[CONN_ID]
             c = get(cid)
             if c is None:
-                if cid in cl or self._pre_keys or len(op) >= max_open or rec[TYPE] == EV_CLOSE:
+                if cid in cl or rec[START_NS] <= twins_before or len(op) >= max_open or rec[TYPE] == EV_CLOSE:
                     first_sight(rec)
                 else:
                     op[cid] = ConnEntry(rec)
@@ -219,6 +222,7 @@ class ConnectionTable:
                 continue
             self._open[rec[CONN_ID]] = ConnEntry(rec, preexisting=True)
             self._pre_keys[key] = rec[CONN_ID]
+            self._twins_before_ns = max(self._twins_before_ns, rec[TS_NS])
             n += 1
         return n
 
