@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -47,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-closed-connections", type=int, help="closed connections kept in the table")
     serve.add_argument("--replay-events", type=int, help="events kept for /events and WebSocket resume")
     serve.add_argument("--subscriber-queue-events", type=int, help="events queued per WebSocket subscriber")
+    serve.add_argument("--max-subscribers", type=int, help="concurrent WebSocket subscribers (default 64)")
+    serve.add_argument("--token-file", type=Path, help="file holding the bearer token (or set CONN_TRACER_TOKEN)")
+    serve.add_argument("--insecure-no-token", action="store_true", default=None,
+                       help="allow a non-loopback --host without a token")
+    serve.add_argument("--allow-host", dest="allowed_hosts", action="append",
+                       help="also answer to this Host name (repeatable)")
+    serve.add_argument("--allow-origin", dest="allowed_origins", action="append",
+                       help="also accept WebSockets from this origin, e.g. https://grafana.example (repeatable)")
+    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
+    serve.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
 
     trace = sub.add_parser("trace", help="print events to stdout, one line each")
     trace.add_argument("--json", action="store_true", help="JSON lines, fields as in API.md")
@@ -60,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags override CONN_TRACER_* environment variables, which override defaults."""
     keys = ("host", "port", "filter_port", "filter_pid", "filter_family", "data_queue_interval_ms",
-            "state_events", "max_closed_connections", "replay_events", "subscriber_queue_events")
+            "state_events", "max_closed_connections", "replay_events", "subscriber_queue_events",
+            "max_subscribers", "token_file", "insecure_no_token", "allowed_hosts", "allowed_origins", "tls_cert",
+            "tls_key")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return Settings(**overrides)
 

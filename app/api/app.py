@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -14,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from app.api.frames import RawSendMiddleware
 from app.api.metrics import make_registry
 from app.api.routes import connections, events, status, web, ws
+from app.api.security import Guard, load_token
 from app.config import Settings
 from app.service import Core, TracerFactory, default_tracer_factory
 
@@ -33,12 +35,18 @@ def validation_message(exc: RequestValidationError) -> str:
 async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     # Keep FastAPI's `detail` (loc names the parameter) and add a readable one-line message.
-    return JSONResponse({"detail": exc.errors(), "message": validation_message(exc)}, status_code=422)
+    # jsonable_encoder: a custom validator's error carries its exception object in `ctx`.
+    return JSONResponse({"detail": jsonable_encoder(exc.errors()), "message": validation_message(exc)},
+                        status_code=422)
 
 
 def create_app(settings: Settings | None = None, tracer_factory: TracerFactory = default_tracer_factory) -> FastAPI:
-    """Builds the app; the lifespan opens the tracer at start-up and closes it at shutdown."""
+    """Builds the app; the lifespan opens the tracer at start-up and closes it at shutdown.
+
+    Raises AccessError if the token settings are unusable (serve checks them first, in one line).
+    """
     settings = settings or Settings.model_validate({})
+    token = load_token(settings)
     core = Core(settings, tracer_factory)
 
     @asynccontextmanager
@@ -58,6 +66,8 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
     app.state.web_dir = web_dir
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_middleware(RawSendMiddleware)
+    # Outermost: nothing reaches a route (or the dashboard) before Host, Origin and token are checked.
+    app.add_middleware(Guard, settings=settings, token=token, index_html=web_dir / "index.html")
     for r in (connections.router, events.router, status.router, ws.router, web.router):
         app.include_router(r)
     if web_dir.is_dir():

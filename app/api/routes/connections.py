@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 
-from app.api.deps import CoreDep
+from app.api.deps import CoreDep, PlainInt
 from app.filters import Filter
 from app.models import Connection
 
@@ -14,8 +14,8 @@ from app.models import Connection
 # touches the table and the hub (a plain `def` would run in a worker thread, racing the reader).
 router = APIRouter(tags=["connections"])
 
-PortQ = Annotated[int | None, Query(ge=1, le=65535, description="local or remote port")]
-PidQ = Annotated[int | None, Query(ge=1, le=2**31 - 1, description="owning process id")]
+PortQ = Annotated[PlainInt | None, Query(ge=1, le=65535, description="local or remote port")]
+PidQ = Annotated[PlainInt | None, Query(ge=1, le=2**31 - 1, description="owning process id")]
 FamilyQ = Annotated[Literal["ipv4", "ipv6"] | None, Query(description="address family")]
 RoleQ = Annotated[Literal["client", "server"] | None, Query(description="client = active open")]
 
@@ -28,7 +28,7 @@ async def list_connections(
     pid: PidQ = None,
     family: FamilyQ = None,
     role: RoleQ = None,
-    limit: Annotated[int, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,
+    limit: Annotated[PlainInt, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,
 ) -> list[Connection]:
     """Connections, newest activity first; closed ones while held in the bounded history."""
     pred = Filter(port=port, pid=pid, family=family, role=role).predicate()

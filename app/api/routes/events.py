@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from app.api.deps import CoreDep
+from app.api.deps import CoreDep, PlainInt
 from app.models import Event
 
 router = APIRouter(tags=["events"])
@@ -15,8 +15,8 @@ router = APIRouter(tags=["events"])
 @router.get("/events", response_model=list[Event])
 async def list_events(
     core: CoreDep,
-    after: Annotated[int, Query(ge=0, description="only events with a larger seq")] = 0,
-    limit: Annotated[int, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,
+    after: Annotated[PlainInt, Query(ge=0, description="only events with a larger seq")] = 0,
+    limit: Annotated[PlainInt, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,
 ) -> Response:
     """Events still held in the bounded replay buffer, oldest first."""
     hub = core.hub
