@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     # WebSocket robustness: concurrent subscribers (more are closed with 1013), and keepalive pings
     # (a client that does not answer within the timeout is closed; 0 = no pings).
     max_subscribers: int = Field(64, ge=1, le=100_000)
+    # Connections the kernel queues for us until we accept them (uvicorn's default).
+    listen_backlog: int = Field(2048, ge=1, le=65_535)
     ws_ping_interval_s: float = Field(20.0, ge=0, le=3600)
     ws_ping_timeout_s: float = Field(20.0, gt=0, le=3600)
 

@@ -16,6 +16,7 @@ import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from app.api.app import create_app
+from app.api.reclaim import reclaimer
 from app.api.security import startup_problem
 from app.config import Settings
 from app.service import Core
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 WS_CLOSE_S = 1.0
 GRACEFUL_S = 1
 CLOSE_TIMEOUT_S = 2.0   # a client that does not answer our close frame is cut off after this
+# asyncio accepts up to `backlog` connections per loop turn and then handles all their requests in
+# the next: with uvicorn's 2048 one turn of a connection flood took over a second (and every
+# request on an open connection waited for it). The kernel queue itself is settings.listen_backlog.
+ACCEPT_BATCH = 64
 
 
 class WSProtocol(WebSocketsSansIOProtocol):
@@ -41,6 +46,10 @@ class WSProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.close_timeout = CLOSE_TIMEOUT_S
         self._write_paused = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        reclaimer.poke()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -155,6 +164,12 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
+            for srv in self.servers:
+                for tsock in srv.sockets:
+                    # The kernel's queue; asyncio keeps accepting ACCEPT_BATCH per turn. (A dup: asyncio's
+                    # socket wrapper hides listen().)
+                    with socket.fromfd(tsock.fileno(), tsock.family, tsock.type) as dup:
+                        dup.listen(self.core.settings.listen_backlog)
             host, port = self.config.host, self.config.port
             with contextlib.suppress(Exception):
                 port = self.servers[0].sockets[0].getsockname()[1]
@@ -180,7 +195,8 @@ def run(settings: Settings) -> int:
                             access_log=False, ws_per_message_deflate=False,
                             ws_ping_interval=settings.ws_ping_interval_s or None,
                             ws_ping_timeout=settings.ws_ping_timeout_s,
-                            ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
+                            ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
+                            backlog=ACCEPT_BATCH)
     server = _Server(config, core)
     logging.getLogger("uvicorn.error").addFilter(_StartFailed(core))
     limit = RateLimit()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import logging
-from collections.abc import Callable
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from app.api.frames import TextFrames, cut_reason
+from app.api.reclaim import reclaimer
 from app.filters import FilterError, parse_batch, parse_filter
 from app.hub import Subscriber
 from app.service import Core
@@ -26,7 +24,6 @@ TRY_AGAIN_LATER = 1013
 # can hold in the transport buffer beyond its high-water mark (~256 x 550 B).
 MESSAGES_PER_WRITE = 256
 MAX_EVENTS_PER_BATCH_MESSAGE = 1024
-RECLAIM_DELAY_S = 1.0
 
 
 async def _watch_disconnect(websocket: WebSocket, sub: Subscriber) -> None:
@@ -40,31 +37,6 @@ async def _watch_disconnect(websocket: WebSocket, sub: Subscriber) -> None:
         sub.close()
 
 
-class _Reclaimer:
-    """Gives memory back after WebSocket clients leave: a burst of them leaves cyclic garbage (the
-    service raises the collector's threshold, so an idle service would keep it) and freed buffers
-    that glibc keeps unless trimmed. At most once per RECLAIM_DELAY_S, after the last one left."""
-
-    def __init__(self) -> None:
-        self._handle: asyncio.TimerHandle | None = None
-        self._trim: Callable[[int], int] | None
-        try:
-            self._trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):   # not glibc
-            self._trim = None
-
-    def poke(self) -> None:
-        if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_later(RECLAIM_DELAY_S, self._run)
-
-    def _run(self) -> None:
-        self._handle = None
-        gc.collect()
-        if self._trim is not None:
-            self._trim(0)
-
-
-_reclaimer = _Reclaimer()
 
 
 @router.websocket("/ws")
@@ -75,6 +47,8 @@ async def ws_events(websocket: WebSocket) -> None:
         await _serve(websocket, core)
     except (WebSocketDisconnect, RuntimeError, OSError):
         pass  # the client went away (before or while we wrote): normal, and nothing to log
+    finally:
+        reclaimer.poke()
 
 
 async def _serve(websocket: WebSocket, core: Core) -> None:
@@ -128,4 +102,3 @@ async def _serve(websocket: WebSocket, core: Core) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         core.websockets.discard(websocket)
-        _reclaimer.poke()
