@@ -30,6 +30,8 @@ class CoreCollector(Collector):
         lost.add_metric(["subscriber"], hub.dropped_subscribers)
         lost.add_metric(["decode"], core.decode_errors())
         yield lost
+        yield CounterMetricFamily("conn_tracer_refused_subscribers",
+                                  "WebSocket subscribers turned away at max_subscribers", value=hub.refused_subscribers)
         gauges = (
             ("conn_tracer_connections_open", "Open connections in the table", table.open_count),
             ("conn_tracer_connections_closed_kept", "Closed connections held in history", table.closed_count),

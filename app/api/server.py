@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import uvicorn
@@ -32,6 +32,7 @@ CLOSE_TIMEOUT_S = 2.0   # a client that does not answer our close frame is cut o
 # the next: with uvicorn's 2048 one turn of a connection flood took over a second (and every
 # request on an open connection waited for it). The kernel queue itself is settings.listen_backlog.
 ACCEPT_BATCH = 64
+WRITE_BUFFER_HIGH = 32 * 1024
 
 
 class WSProtocol(WebSocketsSansIOProtocol):
@@ -46,6 +47,12 @@ class WSProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.close_timeout = CLOSE_TIMEOUT_S
         self._write_paused = False
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        # asyncio's default (64 KiB) per client that stops reading, times max_subscribers; the kernel's
+        # socket buffer in front of it still takes the bursts.
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -96,14 +103,14 @@ class RateLimit(logging.Filter):
     One misbehaving client (or 25,000 of them) must not be able to fill the disk through our log.
     """
 
-    def __init__(self, burst: int = 5, window_s: float = 10.0) -> None:
+    def __init__(self, burst: int = 5, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
-        self.burst, self.window_s = burst, window_s
+        self.burst, self.window_s, self.clock = burst, window_s, clock
         self._seen: dict[tuple[str, str], list[float]] = {}   # key -> [window start, records in it]
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, str(record.msg))
-        now = time.monotonic()
+        now = self.clock()
         ent = self._seen.get(key)
         if ent is not None and now - ent[0] < self.window_s:
             ent[1] += 1

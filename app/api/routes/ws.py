@@ -21,8 +21,8 @@ POLICY_VIOLATION = 1008
 GOING_AWAY = 1001
 TRY_AGAIN_LATER = 1013
 # Events taken from the hub per socket write: bounds one write and what a client that stops reading
-# can hold in the transport buffer beyond its high-water mark (~256 x 550 B).
-MESSAGES_PER_WRITE = 256
+# can hold in the transport buffer beyond its high-water mark (~128 x 550 B).
+MESSAGES_PER_WRITE = 128
 MAX_EVENTS_PER_BATCH_MESSAGE = 1024
 
 
