@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from tests.test_serve import CONN_TRACER, Service, free_port, wait_for
 from tests.wsraw import fd_count, ping_frames, read_close, rss_kib, stuck_subscriber
@@ -236,19 +237,38 @@ def test_sigterm_with_50_stuck_subscribers_exits_0_within_3s(hostile: Hostile) -
     assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
 
 
-def test_client_that_does_not_answer_pings_is_closed(tmp_path: Path) -> None:
-    svc = start(tmp_path / "serve.log", "--filter-port", str(free_port()),
+@pytest.fixture(scope="module")
+def pinging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A service that pings every 0.3 s and gives up on a client after another 0.3 s."""
+    svc = start(tmp_path_factory.mktemp("pinging") / "serve.log", "--filter-port", str(free_port()),
                 env={"CONN_TRACER_WS_PING_INTERVAL_S": "0.3", "CONN_TRACER_WS_PING_TIMEOUT_S": "0.3"})
     try:
-        deaf = stuck_subscriber(svc.port, "")
-        with deaf, svc.ws() as polite:   # the websockets client answers pings from its own thread
-            wait_for(lambda: svc.json("/stats")["subscribers"] == 2, 5, "2 subscribers")
-            deaf.settimeout(5)
-            code, reason = read_close(deaf)
-            assert (code, reason) == (1011, "keepalive ping timeout")
-            wait_for(lambda: svc.json("/stats")["subscribers"] == 1, 5, "the deaf one gone")
-            time.sleep(1.0)   # several ping intervals: the polite one must still be there
-            assert svc.json("/stats")["subscribers"] == 1
-            polite.ping().wait(5)
+        yield svc
     finally:
         assert svc.stop() == 0
+        text = svc.log.read_text()
+        assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+
+
+@pytest.mark.parametrize(("query", "param"), [("family=" + "ü" * 200, "family"), ("port=1_000", "port"),
+                                              ("port=%2B80", "port"), ("after=%2010", "after")])
+def test_bad_value_closes_1008_cleanly(pinging: Service, query: str, param: str) -> None:
+    """A long non-ASCII value used to make the close reason too long (abnormal close, tracebacks)."""
+    with pinging.ws(query) as ws, pytest.raises(ConnectionClosed) as ei:
+        ws.recv(timeout=5)
+    assert ei.value.rcvd is not None and ei.value.rcvd.code == 1008
+    assert ei.value.rcvd.reason.startswith(f"invalid {param}") and len(ei.value.rcvd.reason.encode()) <= 123
+
+
+def test_client_that_does_not_answer_pings_is_closed(pinging: Service) -> None:
+    svc = pinging
+    deaf = stuck_subscriber(svc.port, "")
+    with deaf, svc.ws() as polite:   # the websockets client answers pings from its own thread
+        wait_for(lambda: svc.json("/stats")["subscribers"] == 2, 5, "2 subscribers")
+        deaf.settimeout(5)
+        code, reason = read_close(deaf)   # reads the pings, never answers them
+        assert (code, reason) == (1011, "keepalive ping timeout")
+        wait_for(lambda: svc.json("/stats")["subscribers"] == 1, 5, "the deaf one gone")
+        time.sleep(1.0)   # not a synchronisation: several ping intervals in which nothing may happen
+        assert svc.json("/stats")["subscribers"] == 1
+        polite.ping().wait(5)

@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
         try:
             yield
         finally:
-            await core.close_websockets(1001)
+            await core.close_websockets(1001, timeout_s=1.0)   # serve's SIGTERM handler has done it already
             core.stop()
 
     app = FastAPI(title="conn-tracer", version="0.1.0", lifespan=lifespan,
