@@ -16,8 +16,9 @@
 #include <string.h>
 #include <time.h>
 
-enum { F_TS, F_START, F_CONN, F_SENT, F_RECEIVED, F_RETRANS, F_PID, F_NETNS, F_SADDR, F_DADDR, F_SPORT, F_DPORT,
-       F_FAMILY, F_TYPE, F_ROLE, F_STATE, F_OLDSTATE, F_FLAGS, F_COMM, N_FIELDS };
+enum { F_TS, F_START, F_CONN, F_SENT, F_RECEIVED, F_RETRANS, F_CGROUP, F_PID, F_NETNS, F_SRTT, F_RTTVAR,
+       F_RETRANS_SEGS, F_CONNECT, F_SADDR, F_DADDR, F_SPORT, F_DPORT, F_FAMILY, F_TYPE, F_ROLE, F_STATE, F_OLDSTATE,
+       F_FLAGS, F_CLOSE_REASON, F_COMM, N_FIELDS };
 
 static Py_ssize_t pos[N_FIELDS];   // position of each field in an event record tuple
 static Py_ssize_t rec_len;         // fields in a record
@@ -27,13 +28,14 @@ static PyObject *role_names;       // tuple: number -> str
 static PyObject *family_names;     // tuple: number -> str or None (4, 6)
 static PyObject *syn_type_by_role;  // tuple of int objects, by role
 static PyObject *syn_state_by_role;
+static PyObject *reason_names;     // tuple: close reason number -> str or None
 static long flag_syn, close_type;
 
 static PyObject *configure(PyObject *self, PyObject *args) {
-    PyObject *positions, *tn, *sn, *rn, *fn, *syt, *sys;
-    if (!PyArg_ParseTuple(args, "O!nO!O!O!O!O!O!ll", &PyTuple_Type, &positions, &rec_len, &PyTuple_Type, &tn,
+    PyObject *positions, *tn, *sn, *rn, *fn, *syt, *sys, *crn;
+    if (!PyArg_ParseTuple(args, "O!nO!O!O!O!O!O!O!ll", &PyTuple_Type, &positions, &rec_len, &PyTuple_Type, &tn,
                           &PyTuple_Type, &sn, &PyTuple_Type, &rn, &PyTuple_Type, &fn, &PyTuple_Type, &syt,
-                          &PyTuple_Type, &sys, &flag_syn, &close_type))
+                          &PyTuple_Type, &sys, &PyTuple_Type, &crn, &flag_syn, &close_type))
         return NULL;
     if (PyTuple_GET_SIZE(positions) != N_FIELDS) {
         PyErr_Format(PyExc_ValueError, "expected %d field positions", N_FIELDS);
@@ -47,10 +49,10 @@ static PyObject *configure(PyObject *self, PyObject *args) {
             return NULL;
         }
     }
-    PyObject *tables[] = {tn, sn, rn, fn, syt, sys};
+    PyObject *tables[] = {tn, sn, rn, fn, syt, sys, crn};
     PyObject **slots[] = {&type_names, &state_names, &role_names, &family_names, &syn_type_by_role,
-                          &syn_state_by_role};
-    for (int i = 0; i < 6; i++) {
+                          &syn_state_by_role, &reason_names};
+    for (int i = 0; i < 7; i++) {
         Py_INCREF(tables[i]);
         Py_XSETREF(*slots[i], tables[i]);
     }
@@ -100,7 +102,8 @@ static int append_syn(PyObject *out, PyObject *rec, long flags, Py_ssize_t role)
         return -1;
     }
     struct { int f; PyObject *v; } set[] = {
-        {F_TS, FIELD(rec, F_START)}, {F_SENT, zero}, {F_RECEIVED, zero}, {F_RETRANS, zero},
+        {F_TS, FIELD(rec, F_START)}, {F_SENT, zero}, {F_RECEIVED, zero}, {F_RETRANS, zero}, {F_SRTT, zero},
+        {F_RTTVAR, zero}, {F_RETRANS_SEGS, zero}, {F_CONNECT, zero}, {F_CLOSE_REASON, zero},
         {F_TYPE, PyTuple_GET_ITEM(syn_type_by_role, role)}, {F_STATE, PyTuple_GET_ITEM(syn_state_by_role, role)},
         {F_OLDSTATE, zero}, {F_FLAGS, fl},
     };
@@ -198,7 +201,8 @@ static unsigned long long read_uint(const unsigned char *p, int kind) {
 
 // Fields whose values repeat: looked up in the caches. The rest are made as they come.
 static int is_repeating(Py_ssize_t i) {
-    return i == pos[F_PID] || i == pos[F_NETNS] || i == pos[F_SPORT] || i == pos[F_DPORT];
+    return i == pos[F_PID] || i == pos[F_NETNS] || i == pos[F_SPORT] || i == pos[F_DPORT] || i == pos[F_CGROUP] ||
+           i == pos[F_CONNECT];
 }
 
 // decode(frames, out) -> bad: appends to `out` the record of every valid frame, each FLAG_SYN
@@ -381,8 +385,9 @@ static int buf_addr(buf_t *b, PyObject *raw, long family) {
     return buf_put(b, text, strlen(text));
 }
 
-// The JSON of the fields that do not change over a connection, ending with '}'.
-static PyObject *steady_json(PyObject *rec) {
+// The JSON of the fields that do not change over a connection, ending with tail(cgroup_id): cgroup,
+// container and host, and the closing '}'.
+static PyObject *steady_json(PyObject *rec, PyObject *tail_fn) {
     buf_t b = {0};
     unsigned long long conn = PyLong_AsUnsignedLongLong(FIELD(rec, F_CONN));
     long family = PyLong_AsLong(FIELD(rec, F_FAMILY));
@@ -423,7 +428,19 @@ static PyObject *steady_json(PyObject *rec) {
     } else if (PUT_LIT(&b, "null,\"comm\":null")) {
         goto done;
     }
-    if (PUT_LIT(&b, ",\"netns\":") || buf_u64(&b, netns) || PUT_LIT(&b, "}"))
+    if (PUT_LIT(&b, ",\"netns\":") || buf_u64(&b, netns))
+        goto done;
+    PyObject *tail = PyObject_CallOneArg(tail_fn, FIELD(rec, F_CGROUP));
+    if (!tail)
+        goto done;
+    if (!PyUnicode_Check(tail) || !PyUnicode_IS_ASCII(tail)) {
+        PyErr_SetString(PyExc_ValueError, "steady tail must be ASCII str");
+        Py_DECREF(tail);
+        goto done;
+    }
+    int terr = buf_str(&b, tail);
+    Py_DECREF(tail);
+    if (terr)
         goto done;
     out = PyUnicode_DecodeASCII(b.p, b.len, "strict");
 done:
@@ -464,13 +481,21 @@ static int put_ts(buf_t *b, long long wall) {
     return buf_put(b, frac, 8);
 }
 
-// json_many(first_seq, recs, wall_offset_ns, steady) -> list[str]: the JSON of each event,
+// Writes `"name":N` with N the u32 field, or null when `null_if_zero` and it is 0.
+static int put_opt(buf_t *b, const char *name, Py_ssize_t len, unsigned long long v, int null_if_zero) {
+    if (buf_put(b, name, len))
+        return -1;
+    return (null_if_zero && !v) ? PUT_LIT(b, "null") : buf_u64(b, v);
+}
+
+// json_many(first_seq, recs, wall_offset_ns, steady, tail) -> list[str]: the JSON of each event,
 // numbered from first_seq. `steady` caches each connection's steady part:
 // conn_id -> (pid, sport, text); bounded; a close event's entry is dropped after use.
+// tail(cgroup_id) -> str ends the steady part (Texts.steady_tail).
 static PyObject *json_many(PyObject *self, PyObject *args) {
     long long seq, offset;
-    PyObject *recs, *steady;
-    if (!PyArg_ParseTuple(args, "LO!LO!", &seq, &PyList_Type, &recs, &offset, &PyDict_Type, &steady) ||
+    PyObject *recs, *steady, *tail_fn;
+    if (!PyArg_ParseTuple(args, "LO!LO!O", &seq, &PyList_Type, &recs, &offset, &PyDict_Type, &steady, &tail_fn) ||
         !configured())
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(recs);
@@ -497,7 +522,7 @@ static PyObject *json_many(PyObject *self, PyObject *args) {
             text = PyTuple_GET_ITEM(hit, 2);
             Py_INCREF(text);
         } else {
-            text = steady_json(rec);
+            text = steady_json(rec, tail_fn);
             if (!text)
                 goto fail;
             if (PyDict_GET_SIZE(steady) >= 65536)
@@ -516,6 +541,11 @@ static PyObject *json_many(PyObject *self, PyObject *args) {
         unsigned long long sent = PyLong_AsUnsignedLongLong(FIELD(rec, F_SENT));
         unsigned long long received = PyLong_AsUnsignedLongLong(FIELD(rec, F_RECEIVED));
         unsigned long long retrans = PyLong_AsUnsignedLongLong(FIELD(rec, F_RETRANS));
+        unsigned long long segs = PyLong_AsUnsignedLongLong(FIELD(rec, F_RETRANS_SEGS));
+        unsigned long long srtt = PyLong_AsUnsignedLongLong(FIELD(rec, F_SRTT));
+        unsigned long long rttvar = PyLong_AsUnsignedLongLong(FIELD(rec, F_RTTVAR));
+        unsigned long long connect = PyLong_AsUnsignedLongLong(FIELD(rec, F_CONNECT));
+        PyObject *reason = lookup_name(reason_names, FIELD(rec, F_CLOSE_REASON));
         if (PyErr_Occurred() || !tname || !sname || !PyUnicode_IS_ASCII(text)) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_ValueError, "unknown event type or state");
@@ -528,8 +558,15 @@ static PyObject *json_many(PyObject *self, PyObject *args) {
                   PUT_LIT(&b, "\",\"ts_ns\":") || buf_u64(&b, ts) || PUT_LIT(&b, ",\"state\":\"") ||
                   buf_str(&b, sname) || PUT_LIT(&b, "\",\"bytes_sent\":") || buf_u64(&b, sent) ||
                   PUT_LIT(&b, ",\"bytes_received\":") || buf_u64(&b, received) ||
-                  PUT_LIT(&b, ",\"bytes_retrans\":") || buf_u64(&b, retrans) || PUT_LIT(&b, ",") ||
-                  buf_str(&b, text);
+                  PUT_LIT(&b, ",\"bytes_retrans\":") || buf_u64(&b, retrans) ||
+                  PUT_LIT(&b, ",\"retrans_segs\":") || buf_u64(&b, segs) ||
+                  put_opt(&b, ",\"srtt_us\":", 11, srtt, 1) ||
+                  (srtt ? put_opt(&b, ",\"rttvar_us\":", 13, rttvar, 0) : PUT_LIT(&b, ",\"rttvar_us\":null")) ||
+                  put_opt(&b, ",\"connect_us\":", 14, connect, 1) || PUT_LIT(&b, ",\"close_reason\":") ||
+                  (reason && PyUnicode_IS_ASCII(reason)
+                       ? (PUT_LIT(&b, "\"") || buf_str(&b, reason) || PUT_LIT(&b, "\""))
+                       : PUT_LIT(&b, "null")) ||
+                  PUT_LIT(&b, ",") || buf_str(&b, text);
         Py_DECREF(text);
         if (err)
             goto fail;
@@ -552,10 +589,11 @@ fail:
 
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "configure(positions, record_len, type_names, state_names, role_names, "
-                                           "family_names, syn_type_by_role, syn_state_by_role, flag_syn, close_type)"},
+                                           "family_names, syn_type_by_role, syn_state_by_role, close_reason_names, "
+                                           "flag_syn, close_type)"},
     {"configure_frames", configure_frames, METH_VARARGS, "configure_frames(frame_size, ((offset, size), ...))"},
     {"decode", decode, METH_VARARGS, "decode(frames, out) -> bad: each valid frame's record into out, syn events inserted"},
-    {"json_many", json_many, METH_VARARGS, "json_many(first_seq, recs, wall_offset_ns, steady) -> list[str]"},
+    {"json_many", json_many, METH_VARARGS, "json_many(first_seq, recs, wall_offset_ns, steady, tail) -> list[str]"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -106,7 +106,7 @@ async def _trace(settings: Settings, as_json: bool) -> int:
     tracer = Tracer(settings)
     tracer.open()
     decoder = Decoder()
-    writer = EventWriter(Texts(time.time_ns() - time.monotonic_ns()))
+    writer = EventWriter(Texts(time.time_ns() - time.monotonic_ns(), settings.host_name))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 

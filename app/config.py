@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +23,18 @@ class Settings(BaseSettings):
     filter_port: int = Field(0, ge=0, le=65535)
     filter_pid: int = Field(0, ge=0, le=4_194_304)   # the kernel's largest pid_max
     filter_family: Literal[4, 6] | None = None
+    # A network namespace: its inode number, or a path to it (/proc/PID/ns/net, /run/netns/NAME).
+    filter_netns: str | None = None
+
+    @field_validator("filter_netns")
+    @classmethod
+    def _netns_exists(cls, v: str | None) -> str | None:
+        if v and not v.isdigit() and not os.path.exists(v):
+            raise ValueError(f"no network namespace at {v} (give an inode number or a path such as /run/netns/NAME)")
+        return v
+
+    # This agent's name on every event and connection (fleet views tell hosts apart by it).
+    host_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=253)
 
     # Kernel side.
     data_queue_interval_ms: float = Field(100.0, ge=0, le=60_000)
@@ -86,3 +100,15 @@ class Settings(BaseSettings):
         if v & (v - 1):
             raise ValueError(f"must be a power of two, got {v}")
         return v
+
+    def filter_netns_inode(self) -> int:
+        """filter_netns as an inode number (0 = no filter); a path is resolved now."""
+        v = self.filter_netns
+        if not v:
+            return 0
+        if v.isdigit():
+            return int(v)
+        try:
+            return os.stat(v).st_ino
+        except OSError as exc:
+            raise ValueError(f"filter_netns {v}: {exc.strerror}") from exc

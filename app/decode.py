@@ -16,10 +16,13 @@ from app.bpf.event import (
     FRAME,
     ROLE,
     ROLE_NAMES,
+    START_NS,
     STATE,
     SYN_STATE_BY_ROLE,
     SYN_TYPE_BY_ROLE,
+    SYN_ZEROED,
     TCP_STATES,
+    TS_NS,
     TYPE,
     EventRecord,
 )
@@ -31,11 +34,17 @@ class DecodeError(ValueError):
 
 
 def syn_record(rec: EventRecord) -> EventRecord:
-    """The syn_sent/syn_recv event a FLAG_SYN record stands for: at start_ns, with this record's tuple."""
-    (_ts, start_ns, conn_id, _sent, _received, _retrans, pid, netns, saddr, daddr, sport, dport, family, _type,
-     role, _state, _old, flags, comm) = rec
-    return (start_ns, start_ns, conn_id, 0, 0, 0, pid, netns, saddr, daddr, sport, dport, family,
-            SYN_TYPE_BY_ROLE[role], role, SYN_STATE_BY_ROLE[role], 0, flags & ~FLAG_SYN, comm)
+    """The syn_sent/syn_recv event a FLAG_SYN record stands for: at start_ns, with this record's tuple and
+    owner, before any byte, RTT sample or retransmission."""
+    syn = list(rec)
+    role = rec[ROLE]
+    syn[TS_NS] = rec[START_NS]
+    for i in SYN_ZEROED:
+        syn[i] = 0
+    syn[TYPE] = SYN_TYPE_BY_ROLE[role]
+    syn[STATE] = SYN_STATE_BY_ROLE[role]
+    syn[FLAGS] = rec[FLAGS] & ~FLAG_SYN
+    return tuple(syn)
 
 
 class Decoder:

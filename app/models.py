@@ -15,8 +15,12 @@ from app.bpf.event import (
     BYTES_RECEIVED,
     BYTES_RETRANS,
     BYTES_SENT,
+    CGROUP_ID,
+    CLOSE_REASON,
+    CLOSE_REASON_NAMES,
     COMM,
     CONN_ID,
+    CONNECT_US,
     DADDR,
     DPORT,
     EV_CLOSE,
@@ -25,21 +29,26 @@ from app.bpf.event import (
     FAMILY_NAMES,
     NETNS,
     PID,
+    RETRANS_SEGS,
     ROLE,
     ROLE_NAMES,
+    RTTVAR_US,
     SADDR,
     SPORT,
+    SRTT_US,
     STATE,
     TCP_STATES,
     TS_NS,
     TYPE,
     EventRecord,
 )
+from app.cgroups import CgroupPaths, container_id
 from app.speedups import speedups
 
 EventType = Literal["syn_sent", "syn_recv", "established", "data_queue", "close", "state_change"]
 Family = Literal["ipv4", "ipv6"]
 Role = Literal["client", "server"]
+CloseReason = Literal["normal", "refused", "timeout", "reset", "unknown"]
 
 EVENT_TYPES: tuple[str, ...] = tuple(EVENT_TYPE_NAMES.values())
 
@@ -54,7 +63,12 @@ class Event(BaseModel):
     state: str = Field(description="TCP state after this event, e.g. ESTABLISHED")
     bytes_sent: int = Field(description="payload bytes sent (tcp_sock.bytes_sent less bytes_retrans)")
     bytes_received: int = Field(description="payload bytes received (tcp_sock.bytes_received less a FIN)")
-    bytes_retrans: int = Field(0, description="bytes retransmitted (tcp_sock.bytes_retrans)")
+    bytes_retrans: int = Field(0, description="bytes retransmitted (tcp_sock.bytes_retrans); not in bytes_sent")
+    retrans_segs: int = Field(0, description="segments retransmitted (tcp_sock.total_retrans)")
+    srtt_us: int | None = Field(None, description="smoothed RTT in us (tcp_sock.srtt_us >> 3); null before a sample")
+    rttvar_us: int | None = Field(None, description="RTT variance in us (tcp_sock.mdev_us >> 2); null before a sample")
+    connect_us: int | None = Field(None, description="SYN to ESTABLISHED in us (server: SYN-ACK to final ACK)")
+    close_reason: CloseReason | None = Field(None, description="close events: normal|refused|timeout|reset|unknown")
     conn_id: str = Field(description="the connection's id")
     family: Family = Field(description='"ipv4" or "ipv6"')
     role: Role = Field(description="client = active open, server = passive open")
@@ -65,6 +79,9 @@ class Event(BaseModel):
     pid: int | None = Field(description="owning process id, null while unknown")
     comm: str | None = Field(description="owning process name, null while unknown")
     netns: int = Field(description="network namespace inode number")
+    cgroup: str | None = Field(None, description="cgroup v2 path of the owner, e.g. /system.slice/nginx.service")
+    container_id: str | None = Field(None, description="the container id the cgroup path names, if any")
+    host: str = Field("", description="the agent's host name")
 
 
 class Connection(BaseModel):
@@ -82,11 +99,21 @@ class Connection(BaseModel):
     comm: str | None = Field(description="owning process name; null while unknown")
     bytes_sent: int = Field(description="payload bytes sent, at the latest event")
     bytes_received: int = Field(description="payload bytes received, at the latest event")
-    bytes_retrans: int = Field(0, description="bytes retransmitted, at the latest event")
+    bytes_retrans: int = Field(0, description="bytes retransmitted, at the latest event; not in bytes_sent")
+    retrans_segs: int = Field(0, description="segments retransmitted (tcp_sock.total_retrans)")
+    srtt_us: int | None = Field(None, description="smoothed RTT in us (tcp_sock.srtt_us >> 3); null before a sample")
+    rttvar_us: int | None = Field(None, description="RTT variance in us (tcp_sock.mdev_us >> 2); null before a sample")
+    connect_us: int | None = Field(None, description="SYN to ESTABLISHED in us (server: SYN-ACK to final ACK)")
+    close_reason: CloseReason | None = Field(
+        None, description="why it closed: normal|refused|timeout|reset|unknown (unknown: its close was not seen, the "
+                          "sweep found it gone); null while open")
     started_at: datetime = Field(description="when the first event of this connection was seen")
     closed_at: datetime | None = Field(description="null while open")
     duration_ms: float = Field(description="start to close, or to now while open")
     netns: int = Field(0, description="network namespace inode number")
+    cgroup: str | None = Field(None, description="cgroup v2 path of the owner, e.g. /system.slice/nginx.service")
+    container_id: str | None = Field(None, description="the container id the cgroup path names, if any")
+    host: str = Field("", description="the agent's host name")
     preexisting: bool = Field(False, description="already open when the tracer started (read from sock_diag)")
     events: int = Field(0, description="events seen for this connection")
 
@@ -116,6 +143,16 @@ def json_str(s: str) -> str:
     return json.dumps(s)
 
 
+_REASON_JSON = {n: f'"{name}"' for n, name in CLOSE_REASON_NAMES.items()}
+
+
+def rtt_fields(rec: EventRecord) -> dict[str, int | None]:
+    """srtt_us and rttvar_us are null before the first RTT sample (srtt 0); connect_us until ESTABLISHED."""
+    srtt = rec[SRTT_US]
+    return {"srtt_us": srtt or None, "rttvar_us": rec[RTTVAR_US] if srtt else None,
+            "connect_us": rec[CONNECT_US] or None}
+
+
 def conn_id_text(conn_id: int) -> str:
     """The public id of a connection: c<n> as numbered by the kernel, p<n> for one found at start-up."""
     return f"c{conn_id}" if conn_id >= 0 else f"p{-conn_id}"
@@ -132,11 +169,31 @@ def conn_id_number(text: str) -> int | None:
 class Texts:
     """Text of the raw values in records, each formatted once (bounded caches)."""
 
-    def __init__(self, wall_offset_ns: int) -> None:
+    def __init__(self, wall_offset_ns: int, host: str = "", cgroups: CgroupPaths | None = None) -> None:
         # CLOCK_MONOTONIC (the kernel's ts_ns) + wall_offset_ns = UTC ns since the epoch.
         self.wall_offset_ns = wall_offset_ns
+        self.host = host
+        self.cgroups = cgroups if cgroups is not None else CgroupPaths()
         self._addrs: dict[bytes, str] = {}
         self._comms: dict[bytes, str] = {}
+        self._tails: dict[int, str] = {}
+
+    def cgroup(self, cgroup_id: int) -> str | None:
+        return self.cgroups.path(cgroup_id)
+
+    def steady_tail(self, cgroup_id: int) -> str:
+        """The end of an event's JSON: cgroup, container and host (the cgroup part cached once resolved)."""
+        tail = self._tails.get(cgroup_id)
+        if tail is None:
+            path = self.cgroup(cgroup_id)
+            cid = container_id(path) if path else None
+            tail = (f',"cgroup":{json_str(path) if path else "null"},'
+                    f'"container_id":{json_str(cid) if cid else "null"},"host":{json_str(self.host)}}}')
+            if path is not None or not cgroup_id:
+                if len(self._tails) >= 4096:
+                    self._tails.clear()
+                self._tails[cgroup_id] = tail
+        return tail
 
     def addr(self, raw: bytes, family: int) -> str:
         text = self._addrs.get(raw)
@@ -176,7 +233,7 @@ class EventWriter:
                 f'"role":"{ROLE_NAMES[rec[ROLE]]}","src_addr":"{t.addr(rec[SADDR], fam)}","src_port":{rec[SPORT]},'
                 f'"dst_addr":"{t.addr(rec[DADDR], fam)}","dst_port":{rec[DPORT]},'
                 f'"pid":{pid or "null"},"comm":{json_str(t.comm(rec[COMM])) if pid else "null"},'
-                f'"netns":{rec[NETNS]}}}')
+                f'"netns":{rec[NETNS]}{t.steady_tail(rec[CGROUP_ID])}')
         if len(self._steady) >= 65536:
             self._steady.clear()
         hit = self._steady[rec[CONN_ID]] = (pid, rec[SPORT], text)
@@ -185,7 +242,8 @@ class EventWriter:
     def json_many(self, first_seq: int, recs: list[EventRecord]) -> list[str]:
         """The JSON of each event, numbered from first_seq; the same documents as Event.model_dump_json()."""
         if speedups is not None:
-            return speedups.json_many(first_seq, recs, self.texts.wall_offset_ns, self._steady)  # type: ignore
+            return speedups.json_many(first_seq, recs, self.texts.wall_offset_ns, self._steady,  # type: ignore
+                                      self.texts.steady_tail)
         return self.json_many_py(first_seq, recs)
 
     def json_many_py(self, first_seq: int, recs: list[EventRecord]) -> list[str]:
@@ -202,7 +260,11 @@ class EventWriter:
             out.append(f'{{"seq":{seq},"type":"{EVENT_TYPE_NAMES[rec[TYPE]]}",'
                        f'"ts":"{ts}","ts_ns":{rec[TS_NS]},'
                        f'"state":"{TCP_STATES[rec[STATE]]}","bytes_sent":{rec[BYTES_SENT]},'
-                       f'"bytes_received":{rec[BYTES_RECEIVED]},"bytes_retrans":{rec[BYTES_RETRANS]},{hit[2]}')
+                       f'"bytes_received":{rec[BYTES_RECEIVED]},"bytes_retrans":{rec[BYTES_RETRANS]},'
+                       f'"retrans_segs":{rec[RETRANS_SEGS]},"srtt_us":{rec[SRTT_US] or "null"},'
+                       f'"rttvar_us":{rec[RTTVAR_US] if rec[SRTT_US] else "null"},'
+                       f'"connect_us":{rec[CONNECT_US] or "null"},'
+                       f'"close_reason":{_REASON_JSON.get(rec[CLOSE_REASON], "null")},{hit[2]}')
             if rec[TYPE] == EV_CLOSE:
                 steady.pop(rec[CONN_ID], None)   # the connection is over: not asked for again
         return out
@@ -219,4 +281,12 @@ class EventWriter:
             "role": ROLE_NAMES[rec[ROLE]], "src_addr": t.addr(rec[SADDR], fam), "src_port": rec[SPORT],
             "dst_addr": t.addr(rec[DADDR], fam), "dst_port": rec[DPORT], "pid": pid or None,
             "comm": t.comm(rec[COMM]) if pid else None, "netns": rec[NETNS],
+            "retrans_segs": rec[RETRANS_SEGS], **rtt_fields(rec),
+            "close_reason": CLOSE_REASON_NAMES.get(rec[CLOSE_REASON]), **cgroup_fields(t, rec[CGROUP_ID]),
+            "host": t.host,
         })
+
+
+def cgroup_fields(texts: Texts, cgroup_id: int) -> dict[str, str | None]:
+    path = texts.cgroup(cgroup_id)
+    return {"cgroup": path, "container_id": container_id(path) if path else None}

@@ -63,7 +63,7 @@ class Core:
         self.tracer_factory = tracer_factory
         self.tracer: Source | None = None
         # One mapping of the kernel's CLOCK_MONOTONIC to UTC for the whole run.
-        self.texts = Texts(time.time_ns() - time.monotonic_ns())
+        self.texts = Texts(time.time_ns() - time.monotonic_ns(), settings.host_name)
         self.table = ConnectionTable(self.texts, settings.max_closed_connections, settings.max_open_connections)
         self.hub = EventHub(EventWriter(self.texts), settings.replay_events, settings.subscriber_queue_events)
         self.pipeline = Pipeline(self.table, self.hub)

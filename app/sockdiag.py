@@ -11,7 +11,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from app.bpf.event import ROLE_CLIENT, ROLE_SERVER, EventRecord
+from app.bpf.event import ROLE_CLIENT, ROLE_SERVER, EventRecord, make_record
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -176,9 +176,11 @@ def preexisting(socks: list[DiagSocket], owners: dict[int, tuple[int, str]] | No
         # A guess: sock_diag does not say who opened; a local port someone listens on means server.
         role = ROLE_SERVER if d.src_port in listen_ports else ROLE_CLIENT
         pid, comm = owners.get(d.inode, (0, "")) if d.inode else (0, "")
-        out.append((now_ns, now_ns, -n, d.bytes_sent, d.bytes_received, 0, pid, netns,
-                    _addr16(d.family, d.src_addr), _addr16(d.family, d.dst_addr), d.src_port, d.dst_port,
-                    4 if v4 else 6, 0, role, d.state, 0, 0, comm.encode()[:16].ljust(16, b"\0")))
+        out.append(make_record(
+            ts_ns=now_ns, start_ns=now_ns, conn_id=-n, bytes_sent=d.bytes_sent, bytes_received=d.bytes_received,
+            pid=pid, netns=netns, saddr=_addr16(d.family, d.src_addr), daddr=_addr16(d.family, d.dst_addr),
+            sport=d.src_port, dport=d.dst_port, family=4 if v4 else 6, role=role, state=d.state,
+            comm=comm.encode()[:16]))
         n += 1
     return out
 

@@ -26,11 +26,14 @@ def _load() -> ModuleType | None:
         return tuple(table.get(i) for i in range(max(table) + 1))
 
     positions = (event.TS_NS, event.START_NS, event.CONN_ID, event.BYTES_SENT, event.BYTES_RECEIVED,
-                 event.BYTES_RETRANS, event.PID, event.NETNS, event.SADDR, event.DADDR, event.SPORT, event.DPORT,
-                 event.FAMILY, event.TYPE, event.ROLE, event.STATE, event.OLDSTATE, event.FLAGS, event.COMM)
+                 event.BYTES_RETRANS, event.CGROUP_ID, event.PID, event.NETNS, event.SRTT_US, event.RTTVAR_US,
+                 event.RETRANS_SEGS, event.CONNECT_US, event.SADDR, event.DADDR, event.SPORT, event.DPORT,
+                 event.FAMILY, event.TYPE, event.ROLE, event.STATE, event.OLDSTATE, event.FLAGS, event.CLOSE_REASON,
+                 event.COMM)
     _speedups.configure(positions, len(event.RECORD_FIELDS), dense(event.EVENT_TYPE_NAMES),
                         dense(event.TCP_STATES), event.ROLE_NAMES, dense(event.FAMILY_NAMES),
-                        event.SYN_TYPE_BY_ROLE, event.SYN_STATE_BY_ROLE, event.FLAG_SYN, event.EV_CLOSE)
+                        event.SYN_TYPE_BY_ROLE, event.SYN_STATE_BY_ROLE, dense(event.CLOSE_REASON_NAMES),
+                        event.FLAG_SYN, event.EV_CLOSE)
     _speedups.configure_frames(event.FRAME.size, frame_layout())
     return _speedups
 

@@ -17,8 +17,12 @@ from app.bpf.event import (
     BYTES_RECEIVED,
     BYTES_RETRANS,
     BYTES_SENT,
+    CGROUP_ID,
+    CLOSE_REASON,
+    CLOSE_REASON_NAMES,
     COMM,
     CONN_ID,
+    CONNECT_US,
     DADDR,
     DPORT,
     EV_CLOSE,
@@ -26,10 +30,13 @@ from app.bpf.event import (
     FAMILY_NAMES,
     NETNS,
     PID,
+    RETRANS_SEGS,
     ROLE,
     ROLE_NAMES,
+    RTTVAR_US,
     SADDR,
     SPORT,
+    SRTT_US,
     ST_CLOSE,
     START_NS,
     STATE,
@@ -38,6 +45,7 @@ from app.bpf.event import (
     TYPE,
     EventRecord,
 )
+from app.cgroups import container_id
 from app.filters import Predicate
 from app.models import Connection, Texts, conn_id_number, conn_id_text
 
@@ -70,6 +78,8 @@ class ConnEntry:
         start = r[START_NS]
         closed = self.close_ns != 0
         end = self.close_ns if closed else max(now_ns, start)
+        srtt = r[SRTT_US]
+        cgroup = texts.cgroup(r[CGROUP_ID])
         return Connection.model_construct(
             id=conn_id_text(r[CONN_ID]), family=FAMILY_NAMES[fam], role=ROLE_NAMES[r[ROLE]],
             state=TCP_STATES.get(r[STATE], str(r[STATE])),
@@ -78,6 +88,9 @@ class ConnEntry:
             bytes_sent=r[BYTES_SENT], bytes_received=r[BYTES_RECEIVED], bytes_retrans=r[BYTES_RETRANS],
             started_at=texts.ts(start), closed_at=texts.ts(self.close_ns) if closed else None,
             duration_ms=(end - start) / 1e6, netns=r[NETNS], preexisting=self.preexisting, events=self.events,
+            retrans_segs=r[RETRANS_SEGS], srtt_us=srtt or None, rttvar_us=r[RTTVAR_US] if srtt else None,
+            connect_us=r[CONNECT_US] or None, close_reason=CLOSE_REASON_NAMES.get(r[CLOSE_REASON]),
+            cgroup=cgroup, container_id=container_id(cgroup) if cgroup else None, host=texts.host,
         )
 
 

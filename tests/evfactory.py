@@ -10,10 +10,10 @@ from app.bpf.event import (
     EVENT_TYPE_NUMBERS,
     FAMILY_NUMBERS,
     FRAME,
-    RECORD_FIELDS,
     ROLE_NUMBERS,
     TCP_STATE_NUMBERS,
     EventRecord,
+    make_record,
 )
 from app.models import EventWriter, Texts
 
@@ -49,9 +49,11 @@ def ev(type_: str, conn: int, t_ms: float = 0.0, *, start_ms: float = 0.0, **kw:
         pid=f["pid"] or 0, netns=f["netns"], saddr=_addr(f["src_addr"]), daddr=_addr(f["dst_addr"]),
         sport=f["src_port"], dport=f["dst_port"], family=FAMILY_NUMBERS[f["family"]],
         type=EVENT_TYPE_NUMBERS[f["type"]], role=ROLE_NUMBERS[f["role"]], state=TCP_STATE_NUMBERS[f["state"]],
-        oldstate=0, flags=f["flags"], comm=(f["comm"] or "").encode().ljust(16, b"\0"),
+        oldstate=0, flags=f["flags"], comm=(f["comm"] or "").encode(),
+        **{k: kw[k] for k in ("srtt_us", "rttvar_us", "retrans_segs", "connect_us", "cgroup_id", "close_reason")
+           if k in kw},
     )
-    return tuple(raw[name] for name in RECORD_FIELDS)
+    return make_record(**raw)
 
 
 def frames(*recs: EventRecord) -> bytes:

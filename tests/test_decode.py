@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from app.bpf.event import FLAG_SYN, FRAME
+from app.bpf.event import FAMILY, FLAG_SYN, FRAME, ROLE, STATE, TYPE
 from app.decode import DecodeError, Decoder
 from app.models import Event
 from tests.evfactory import T0, T0_NS, TEXTS, ev, frames, writer
@@ -43,7 +43,7 @@ def test_a_syn_flagged_record_is_two_events() -> None:
     assert (syn.type, syn.state, syn.seq, est.type, est.seq) == ("syn_sent", "SYN_SENT", 1, "established", 2)
     assert syn.ts_ns == est.ts_ns - 3_000_000 and (syn.src_port, syn.pid) == (est.src_port, est.pid)
     server = ev("close", 4, 5.0, role="server", flags=FLAG_SYN)
-    assert [r[13] for r in Decoder().decode(frames(server))] == [2, 5]   # syn_recv, close
+    assert [r[TYPE] for r in Decoder().decode(frames(server))] == [2, 5]   # syn_recv, close
 
 
 def test_timestamp_is_kernel_time_plus_offset() -> None:
@@ -56,7 +56,7 @@ def test_timestamp_is_kernel_time_plus_offset() -> None:
 def test_bad_records_are_counted_and_skipped(field: str, value: int) -> None:
     good = ev("close", 1)
     bad = list(good)
-    bad[{"type": 13, "state": 15, "role": 14, "family": 12}[field]] = value
+    bad[{"type": TYPE, "state": STATE, "role": ROLE, "family": FAMILY}[field]] = value
     d = Decoder()
     assert d.decode(frames(good, tuple(bad), good)) == [good, good]
     assert d.bad_records == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.bpf.event import FRAME, RECORD
+from app.bpf.event import CONN_ID, FRAME, RECORD
 from app.bpf.loader import RingReader
 from tests.evfactory import ev
 
@@ -58,7 +58,7 @@ def ring(tmp_path: Path) -> Iterator[tuple[FakeRing, RingReader]]:
 
 
 def conns(frames: bytes) -> list[int]:
-    return [r[2] for r in FRAME.iter_unpack(frames)]
+    return [r[CONN_ID] for r in FRAME.iter_unpack(frames)]
 
 
 def test_bulk_read_is_bounded_and_releases_space(ring: tuple[FakeRing, RingReader]) -> None:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from app.bpf.event import FLAG_SYN, FRAME
+from app.bpf.event import FLAG_SYN, FRAME, TYPE
 from app.decode import Decoder
 from app.speedups import speedups
 from tests.evfactory import ev, frames, writer
@@ -31,14 +31,17 @@ def varied(n: int, seed: int = 7) -> list[tuple[object, ...]]:
                       role=rnd.choice(["client", "server"]),
                       pid=rnd.choice([0, 1, 4_000_000]), comm=rnd.choice(comms), bytes_sent=rnd.randint(0, 2**40),
                       bytes_received=rnd.randint(0, 9), flags=rnd.choice([0, 1, FLAG_SYN, FLAG_SYN | 4]),
-                      src_port=rnd.randint(1, 65535), **addrs))
+                      src_port=rnd.randint(1, 65535), srtt_us=rnd.choice([0, 1, 35, 2**31]),
+                      rttvar_us=rnd.choice([0, 7, 2**32 - 1]), retrans_segs=rnd.choice([0, 3]),
+                      connect_us=rnd.choice([0, 1, 812]), cgroup_id=rnd.choice([0, 1, 2**63]),
+                      close_reason=rnd.randint(0, 5), **addrs))
     return out
 
 
 def test_decode_matches_python() -> None:
     recs = varied(500)
     bad = list(recs[3])
-    bad[13] = 200   # unknown type
+    bad[TYPE] = 200   # unknown type
     raw = frames(*recs, tuple(bad), *recs[:5])
     c, py = Decoder(), Decoder()
     assert c.decode(raw) == py.decode_py(raw)

@@ -23,8 +23,13 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("bytes_sent", "Q"),
     ("bytes_received", "Q"),
     ("bytes_retrans", "Q"),
+    ("cgroup_id", "Q"),
     ("pid", "I"),
     ("netns", "I"),
+    ("srtt_us", "I"),
+    ("rttvar_us", "I"),
+    ("retrans_segs", "I"),
+    ("connect_us", "I"),
     ("saddr", "16s"),
     ("daddr", "16s"),
     ("sport", "H"),
@@ -35,7 +40,8 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("state", "B"),
     ("oldstate", "B"),
     ("flags", "B"),
-    ("_pad", "2x"),
+    ("close_reason", "B"),
+    ("_pad", "1x"),
     ("comm", "16s"),
 )
 _CODES = "".join(code for _, code in FIELDS)
@@ -52,9 +58,28 @@ FRAME = struct.Struct(f"<{RING_HEADER_SIZE}x{_CODES}{_TAIL + (-RECORD.size) % 8}
 EventRecord = tuple[Any, ...]
 """One decoded record: the values of FIELDS (without _pad), in order."""
 
+
+def make_record(**values: Any) -> EventRecord:
+    """A record from field values by name, the rest zero (b"" padded for bytes): for records made
+    in user space (sock_diag, the sweep) and tests, so that none depends on field positions."""
+    out = []
+    for name, code in FIELDS:
+        if name == "_pad":
+            continue
+        v = values.pop(name, None)
+        if code.endswith("s"):
+            out.append((v or b"").ljust(int(code[:-1]), b"\0"))
+        else:
+            out.append(v or 0)
+    if values:
+        raise TypeError(f"not record fields: {sorted(values)}")
+    return tuple(out)
+
+
 # Positions in an EventRecord.
-(TS_NS, START_NS, CONN_ID, BYTES_SENT, BYTES_RECEIVED, BYTES_RETRANS, PID, NETNS, SADDR, DADDR, SPORT, DPORT,
- FAMILY, TYPE, ROLE, STATE, OLDSTATE, FLAGS, COMM) = range(19)
+(TS_NS, START_NS, CONN_ID, BYTES_SENT, BYTES_RECEIVED, BYTES_RETRANS, CGROUP_ID, PID, NETNS, SRTT_US, RTTVAR_US,
+ RETRANS_SEGS, CONNECT_US, SADDR, DADDR, SPORT, DPORT, FAMILY, TYPE, ROLE, STATE, OLDSTATE, FLAGS, CLOSE_REASON,
+ COMM) = range(25)
 RECORD_FIELDS: tuple[str, ...] = tuple(name for name, _ in FIELDS if name != "_pad")
 
 # enum event_type
@@ -73,6 +98,13 @@ EVENT_TYPE_NUMBERS: dict[str, int] = {name: n for n, name in EVENT_TYPE_NAMES.it
 ROLE_CLIENT, ROLE_SERVER = 0, 1
 ROLE_NAMES: tuple[str, ...] = ("client", "server")
 ROLE_NUMBERS: dict[str, int] = {name: n for n, name in enumerate(ROLE_NAMES)}
+
+# enum close_reason; CR_UNKNOWN is user space's: a close the kernel's records never showed (lost
+# events), found by the sweep that compares the table with the kernel's sockets.
+CR_NONE, CR_NORMAL, CR_REFUSED, CR_TIMEOUT, CR_RESET, CR_UNKNOWN = 0, 1, 2, 3, 4, 5
+CLOSE_REASON_NAMES: dict[int, str] = {
+    CR_NORMAL: "normal", CR_REFUSED: "refused", CR_TIMEOUT: "timeout", CR_RESET: "reset", CR_UNKNOWN: "unknown",
+}
 
 # The record's family field (not AF_*: 4 or 6).
 FAMILY_NAMES: dict[int, str] = {4: "ipv4", 6: "ipv6"}
@@ -106,3 +138,6 @@ TCP_STATE_NUMBERS: dict[str, int] = {name: n for n, name in TCP_STATES.items()}
 # What a FLAG_SYN record's syn event is, by role.
 SYN_TYPE_BY_ROLE = (EV_SYN_SENT, EV_SYN_RECV)
 SYN_STATE_BY_ROLE = (ST_SYN_SENT, ST_SYN_RECV)
+# What a syn event does not have yet: counters, RTT, connect latency, an old state, a close reason.
+SYN_ZEROED = (BYTES_SENT, BYTES_RECEIVED, BYTES_RETRANS, SRTT_US, RTTVAR_US, RETRANS_SEGS, CONNECT_US, OLDSTATE,
+              CLOSE_REASON)

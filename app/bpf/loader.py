@@ -199,6 +199,7 @@ def build_cflags(settings: Settings, rep: HostReport) -> list[str]:
         FILTER_PORT=settings.filter_port,
         FILTER_PID=settings.filter_pid,
         FILTER_FAMILY=settings.filter_family or 0,
+        FILTER_NETNS=settings.filter_netns_inode(),
     )
     flags = [f"-D{k}={v}" for k, v in sorted(defs.items())]
     if rep.kprobes:

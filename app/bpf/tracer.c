@@ -21,7 +21,9 @@
 //   DATA_QUEUE_KPROBE                    defined where kprobes work (tcp_data_queue)
 //   DATA_QUEUE_INTERVAL_NS               in-kernel coalescing of data-queue events (0 = none)
 //   STATE_EVENTS                         emit an event for every other state change too
-//   FILTER_PORT, FILTER_PID, FILTER_FAMILY  start-up filters (0 = off)
+//   FILTER_PORT, FILTER_PID, FILTER_FAMILY, FILTER_NETNS  start-up filters (0 = off)
+//   OFF_SRTT_US, OFF_MDEV_US, OFF_TOTAL_RETRANS   tcp_sock RTT and retransmission counters
+//   OFF_SK_ERR                           struct sock.sk_err: why a socket closed
 //   RINGBUF_PAGES, MAX_SOCKETS           sizes
 //   WAKEUP_*                             when a record wakes the reader (see submit_flags)
 //   EVENT_SIZE                           sizeof(struct event) as app/bpf/event.py describes it
@@ -42,6 +44,7 @@
 #define ST_SYN_SENT 2
 #define ST_SYN_RECV 3
 #define ST_CLOSE 7
+#define ST_CLOSE_WAIT 8
 #define ST_LISTEN 10
 
 enum event_type {
@@ -54,6 +57,9 @@ enum event_type {
 };
 
 enum role { ROLE_CLIENT = 0, ROLE_SERVER = 1 };
+
+// Why a connection closed, from sk_err and the transition (see close_reason()).
+enum close_reason { CR_NONE = 0, CR_NORMAL = 1, CR_REFUSED = 2, CR_TIMEOUT = 3, CR_RESET = 4 };
 
 #define EVF_FIN_RECEIVED 1        // SOCK_DONE: tcp_fin() ran (bytes_received already excludes the FIN)
 #define EVF_PID_FROM_CONNECT 2
@@ -69,8 +75,13 @@ struct event {
     u64 bytes_sent;      // tcp_sock.bytes_sent less bytes_retrans: payload sent
     u64 bytes_received;  // tcp_sock.bytes_received less a received FIN: payload received
     u64 bytes_retrans;   // tcp_sock.bytes_retrans
+    u64 cgroup_id;       // cgroup v2 id of the owner (where it was claimed), 0 if not known
     u32 pid;             // tgid of the owning process, 0 if not known yet
     u32 netns;           // network namespace inode
+    u32 srtt_us;         // tcp_sock.srtt_us >> 3: smoothed RTT, 0 before the first sample
+    u32 rttvar_us;       // tcp_sock.mdev_us >> 2
+    u32 retrans_segs;    // tcp_sock.total_retrans
+    u32 connect_us;      // SYN to ESTABLISHED (server: the SYN-ACK's RTT), 0 until known
     u8 saddr[16];        // local address (IPv4 in the first 4 bytes, the rest zero)
     u8 daddr[16];        // remote address
     u16 sport;           // local port, host order
@@ -81,7 +92,8 @@ struct event {
     u8 state;            // TCP state after this event
     u8 oldstate;         // TCP state before it (state changes only)
     u8 flags;            // EVF_*
-    u8 _pad[2];
+    u8 close_reason;     // enum close_reason (close events), CR_NONE otherwise
+    u8 _pad[1];
     char comm[16];
 };
 
@@ -92,13 +104,17 @@ _Static_assert(sizeof(struct event) == EVENT_SIZE, "struct event differs from ap
 struct sock_info {
     u64 conn_id;
     u64 start_ns;
-    u64 last_dq_ns;
-    u64 last_dq_payload;   // payload bytes received at the last data-queue event
+    u64 last_data_ns;      // time of the last data event (either direction): the coalescing clock
+    u64 last_rx;           // payload bytes received at the last record
+    u64 last_tx;           // payload bytes sent at the last record
+    u64 cgroup_id;         // the owner's cgroup v2 id
     u32 pid;
     u32 netns;             // constant for a socket's life: read once
+    u32 connect_us;        // set at ESTABLISHED
     u8 role;
     u8 syn_pending;        // the syn_* event rides on the first record with a real tuple
     u8 flags;
+    u8 _pad;
     char comm[16];
 };
 
@@ -110,6 +126,7 @@ struct listener_key {
     u16 family;
 };
 struct owner {
+    u64 cgroup_id;
     u32 pid;
     char comm[16];
 };
@@ -260,15 +277,27 @@ static __always_inline int passes_filters(const struct tuple *t, u32 pid) {
 
 // `state` is the state after this event, or STATE_FROM_SOCKET to read it from the socket.
 static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, u8 oldstate, u8 state,
-                                 u64 now) {
+                                 u8 close_reason, u64 now) {
     struct tuple t;
     read_tuple(&t, sk);
     if (!passes_filters(&t, si->pid))
         return;
     u64 sent = 0, received = 0, retrans = 0;
+    u32 srtt = 0, mdev = 0, retrans_segs = 0;
     bpf_probe_read_kernel(&sent, sizeof(sent), (const char *)sk + OFF_BYTES_SENT);
     bpf_probe_read_kernel(&received, sizeof(received), (const char *)sk + OFF_BYTES_RECEIVED);
     bpf_probe_read_kernel(&retrans, sizeof(retrans), (const char *)sk + OFF_BYTES_RETRANS);
+    bpf_probe_read_kernel(&srtt, sizeof(srtt), (const char *)sk + OFF_SRTT_US);
+    bpf_probe_read_kernel(&mdev, sizeof(mdev), (const char *)sk + OFF_MDEV_US);
+    bpf_probe_read_kernel(&retrans_segs, sizeof(retrans_segs), (const char *)sk + OFF_TOTAL_RETRANS);
+    srtt >>= 3;   // the kernel keeps srtt << 3 and mdev << 2
+    mdev >>= 2;
+    if (type == EV_ESTABLISHED && !si->connect_us) {
+        // Client: SYN sent to SYN-ACK received. Server: the passive child exists only from the
+        // final ACK on, and its first RTT sample is the SYN-ACK's: SYN-ACK sent to final ACK.
+        u64 c = si->role == ROLE_CLIENT ? (now - si->start_ns) / 1000 : srtt;
+        si->connect_us = c ? (u32)c : 1;
+    }
 
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
@@ -283,8 +312,15 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
     e->bytes_sent = sent - (retrans < sent ? retrans : sent);
     e->bytes_received = received - (t.fin && received ? 1 : 0);
     e->bytes_retrans = retrans;
+    e->cgroup_id = si->cgroup_id;
     e->pid = si->pid;
     e->netns = si->netns;
+    e->srtt_us = srtt;
+    e->rttvar_us = mdev;
+    e->retrans_segs = retrans_segs;
+    e->connect_us = si->connect_us;
+    si->last_tx = e->bytes_sent;
+    si->last_rx = e->bytes_received;
     __builtin_memcpy(e->saddr, t.saddr, 16);
     __builtin_memcpy(e->daddr, t.daddr, 16);
     e->sport = t.sport;
@@ -295,8 +331,8 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
     e->state = state == STATE_FROM_SOCKET ? t.state : state;
     e->oldstate = oldstate;
     e->flags = si->flags | (t.fin ? EVF_FIN_RECEIVED : 0) | (si->syn_pending ? EVF_SYN : 0);
+    e->close_reason = close_reason;
     e->_pad[0] = 0;
-    e->_pad[1] = 0;
     __builtin_memcpy(e->comm, si->comm, sizeof(e->comm));
     si->syn_pending = 0;
     events.ringbuf_submit(e, submit_flags(now));
@@ -306,7 +342,36 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
 // callers are connect() (SYN_SENT) and the send/recv syscall tracepoints.
 static __always_inline void claim_owner(struct sock_info *si) {
     si->pid = bpf_get_current_pid_tgid() >> 32;
+    si->cgroup_id = bpf_get_current_cgroup_id();
     bpf_get_current_comm(si->comm, sizeof(si->comm));
+}
+
+// errno values sk_err takes (uapi asm-generic/errno*.h).
+#define E_PIPE 32
+#define E_CONNABORTED 103
+#define E_CONNRESET 104
+#define E_TIMEDOUT 110
+#define E_CONNREFUSED 111
+
+// Why a socket reaches CLOSE. tcp_reset() and tcp_write_err() set sk_err before tcp_done()
+// moves the socket to CLOSE: an RST answering our SYN is ECONNREFUSED, one on a connection
+// ECONNRESET (EPIPE in CLOSE_WAIT), retransmissions running out ETIMEDOUT (or the soft error
+// that made them fail, e.g. EHOSTUNREACH). An abortive close of our own (SO_LINGER 0, unread
+// data, tcp_abort) goes from ESTABLISHED/CLOSE_WAIT/SYN_RECV straight to CLOSE and sends the
+// RST just after this tracepoint, with sk_err still 0. Orderly closes arrive from FIN_WAIT*,
+// CLOSING, LAST_ACK (through TIME_WAIT or not).
+static __always_inline u8 close_reason(const void *sk, int oldstate) {
+    int err = 0;
+    bpf_probe_read_kernel(&err, sizeof(err), (const char *)sk + OFF_SK_ERR);
+    if (err == E_CONNREFUSED)
+        return CR_REFUSED;
+    if (err == E_CONNRESET || err == E_PIPE || err == E_CONNABORTED)
+        return CR_RESET;
+    if (err == E_TIMEDOUT || (err && oldstate == ST_SYN_SENT))
+        return CR_TIMEOUT;
+    if (oldstate == ST_ESTABLISHED || oldstate == ST_CLOSE_WAIT || oldstate == ST_SYN_RECV)
+        return CR_RESET;
+    return CR_NORMAL;
 }
 
 // raw_tp inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)
@@ -321,9 +386,13 @@ int ct_state(struct bpf_raw_tracepoint_args *ctx) {
         if (read_protocol(sk) != IPPROTO_TCP)
             return 0;
         struct sock_info si = {};
+        si.netns = read_netns(sk);
+#if FILTER_NETNS
+        if (si.netns != FILTER_NETNS)
+            return 0;   // not tracked at all: every later hook misses its lookup
+#endif
         si.conn_id = next_conn_id();
         si.start_ns = bpf_ktime_get_ns();
-        si.netns = read_netns(sk);
         si.syn_pending = 1;
         if (newstate == ST_SYN_SENT) {
             si.role = ROLE_CLIENT;
@@ -340,6 +409,7 @@ int ct_state(struct bpf_raw_tracepoint_args *ctx) {
                 .netns = si.netns, .port = bpf_ntohs(read_sport_be(sk)), .family = read_family(sk)});
             if (o) {
                 si.pid = o->pid;
+                si.cgroup_id = o->cgroup_id;
                 __builtin_memcpy(si.comm, o->comm, sizeof(si.comm));
                 si.flags = EVF_PID_FROM_LISTENER;
             }
@@ -355,7 +425,7 @@ int ct_state(struct bpf_raw_tracepoint_args *ctx) {
         struct listener_key lk = {.netns = read_netns(sk), .port = bpf_ntohs(read_sport_be(sk)),
                                   .family = read_family(sk)};
         if (newstate == ST_LISTEN) {
-            struct owner o = {.pid = bpf_get_current_pid_tgid() >> 32};
+            struct owner o = {.pid = bpf_get_current_pid_tgid() >> 32, .cgroup_id = bpf_get_current_cgroup_id()};
             bpf_get_current_comm(o.comm, sizeof(o.comm));
             listeners.update(&lk, &o);
         } else {
@@ -374,14 +444,25 @@ int ct_state(struct bpf_raw_tracepoint_args *ctx) {
         return 0;   // sockets that opened before we attached, and non-TCP ones
 
     if (newstate == ST_CLOSE) {
-        emit(sk, si, EV_CLOSE, oldstate, newstate, bpf_ktime_get_ns());
+        emit(sk, si, EV_CLOSE, oldstate, newstate, close_reason(sk, oldstate), bpf_ktime_get_ns());
         sockets.delete(&key);
     } else if (newstate == ST_ESTABLISHED) {
-        emit(sk, si, EV_ESTABLISHED, oldstate, newstate, bpf_ktime_get_ns());
+        emit(sk, si, EV_ESTABLISHED, oldstate, newstate, CR_NONE, bpf_ktime_get_ns());
     } else {
-        emit(sk, si, EV_STATE_CHANGE, oldstate, newstate, bpf_ktime_get_ns());
+        emit(sk, si, EV_STATE_CHANGE, oldstate, newstate, CR_NONE, bpf_ktime_get_ns());
     }
     return 0;
+}
+
+// At most one data event per connection per DATA_QUEUE_INTERVAL_NS, whichever direction moves:
+// the caller has seen that one of the payload counters differs from the last record's.
+static __always_inline int data_due(struct sock_info *si, u64 now) {
+#if DATA_QUEUE_INTERVAL_NS > 0
+    if (si->last_data_ns && now - si->last_data_ns < DATA_QUEUE_INTERVAL_NS)
+        return 0;
+#endif
+    si->last_data_ns = now;
+    return 1;
 }
 
 static __always_inline void on_data_queued(const void *sk) {
@@ -389,11 +470,6 @@ static __always_inline void on_data_queued(const void *sk) {
     struct sock_info *si = sockets.lookup(&key);
     if (!si)
         return;   // not a connection we track (listening sockets land here too)
-    u64 now = bpf_ktime_get_ns();
-#if DATA_QUEUE_INTERVAL_NS > 0
-    if (si->last_dq_ns && now - si->last_dq_ns < DATA_QUEUE_INTERVAL_NS)
-        return;
-#endif
     // sk_data_ready also fires for a bare FIN (to wake a reader for EOF): that is
     // no new data, and CLOSE reports the final counters anyway.
     u64 rx = 0;
@@ -401,11 +477,11 @@ static __always_inline void on_data_queued(const void *sk) {
     bpf_probe_read_kernel(&rx, sizeof(rx), (const char *)sk + OFF_BYTES_RECEIVED);
     bpf_probe_read_kernel(&skf, sizeof(skf), (const char *)sk + OFF_SK_FLAGS);
     u64 payload = rx - (((skf >> SOCK_DONE_BIT) & 1) && rx ? 1 : 0);
-    if (payload == si->last_dq_payload)
+    if (payload == si->last_rx)
         return;
-    si->last_dq_payload = payload;
-    si->last_dq_ns = now;
-    emit(sk, si, EV_DATA_QUEUE, 0, STATE_FROM_SOCKET, now);
+    u64 now = bpf_ktime_get_ns();
+    if (data_due(si, now))
+        emit(sk, si, EV_DATA_QUEUE, 0, STATE_FROM_SOCKET, CR_NONE, now);
 }
 
 #ifdef DATA_QUEUE_KPROBE
@@ -425,17 +501,32 @@ int ct_data_ready(struct bpf_raw_tracepoint_args *ctx) {
 
 // raw_tp sock_send_length / sock_recv_length(struct sock *sk, int ret, int flags):
 // both fire from sock_sendmsg / sock_recvmsg, i.e. in the syscall's process.
-static __always_inline void on_syscall_io(const void *sk) {
+static __always_inline struct sock_info *on_syscall_io(const void *sk) {
     u64 key = (u64)sk;
     struct sock_info *si = sockets.lookup(&key);
     if (si && (si->pid == 0 || (si->flags & EVF_PID_FROM_LISTENER))) {
         claim_owner(si);
         si->flags &= ~EVF_PID_FROM_LISTENER;
     }
+    return si;
 }
 
+// A send is where the sent counter moves for a connection that only sends (its peer's ACKs
+// wake no hook of ours): the data event that keeps bytes_sent live, coalesced like the
+// receive side's.
 int ct_send(struct bpf_raw_tracepoint_args *ctx) {
-    on_syscall_io((const void *)ctx->args[0]);
+    const void *sk = (const void *)ctx->args[0];
+    struct sock_info *si = on_syscall_io(sk);
+    if (!si || (int)ctx->args[1] <= 0)
+        return 0;
+    u64 sent = 0, retrans = 0;
+    bpf_probe_read_kernel(&sent, sizeof(sent), (const char *)sk + OFF_BYTES_SENT);
+    bpf_probe_read_kernel(&retrans, sizeof(retrans), (const char *)sk + OFF_BYTES_RETRANS);
+    if (sent - (retrans < sent ? retrans : sent) == si->last_tx)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    if (data_due(si, now))
+        emit(sk, si, EV_DATA_QUEUE, 0, STATE_FROM_SOCKET, CR_NONE, now);
     return 0;
 }
 
