@@ -20,7 +20,9 @@ test: setup-test
 	.venv/bin/ruff check app tests bench
 	.venv/bin/python -m pytest
 
-lint:
+# `make setup` installs only the runtime; the linters come on first use.
+lint: setup
+	@[ -x .venv/bin/ruff ] && [ -x .venv/bin/mypy ] || .venv/bin/pip install -q --disable-pip-version-check "ruff>=0.4" "mypy>=1.10"
 	.venv/bin/ruff check app tests bench
 	.venv/bin/mypy
 

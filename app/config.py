@@ -1,20 +1,48 @@
-"""Every setting, with its default, in one place (flags and CONN_TRACER_* env vars)."""
+"""Every setting, with its default, in one place: flags > CONN_TRACER_* env vars > config file > defaults."""
 
 from __future__ import annotations
 
 import os
 import socket
+import tomllib
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+CONFIG_ENV = "CONN_TRACER_CONFIG"
+DEFAULT_CONFIG = Path("/etc/conn-tracer/config.toml")
+
+# The TOML file the next Settings() reads, set only by load_settings(): a bare Settings()
+# (tests, library use) never picks up a file that happens to be on the host.
+_config_file: ContextVar[Path | None] = ContextVar("conn_tracer_config_file", default=None)
+
+
+class ConfigError(ValueError):
+    """The config file is missing or unreadable; the message names it."""
 
 
 class Settings(BaseSettings):
     """Start-up settings; each bound's unit or limit is in its name."""
 
-    model_config = SettingsConfigDict(env_prefix="CONN_TRACER_")
+    model_config = SettingsConfigDict(env_prefix="CONN_TRACER_", extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win: flags (init) > environment > config file > field defaults.
+        path = _config_file.get()
+        if path is None:
+            return init_settings, env_settings
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=path)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -49,6 +77,10 @@ class Settings(BaseSettings):
     tracefs_path: Path = Path("/sys/kernel/tracing")
     debugfs_path: Path = Path("/sys/kernel/debug")
 
+    # Restart continuity: the socket map and id counter pinned under /sys/fs/bpf/conn-tracer/<instance>/.
+    pin: bool = True
+    instance: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
     # User side bounds.
     max_closed_connections: int = Field(10_000, ge=0, le=10_000_000)
     replay_events: int = Field(100_000, ge=1, le=50_000_000)
@@ -71,6 +103,9 @@ class Settings(BaseSettings):
     wakeup_batch_records: int = Field(1024, ge=1, le=1_000_000)
     drain_interval_ms: float = Field(10.0, gt=0, le=1000)
     read_batch_records: int = Field(1024, ge=1, le=1_000_000, description="records handled per loop turn")
+
+    # Per-second counters kept for GET /history (and the dashboard's chart after a reload).
+    history_seconds: int = Field(3600, ge=60, le=7 * 86400)
 
     # The dashboard's static files; None = the web/ folder next to the app package.
     web_dir: Path | None = None
@@ -112,3 +147,29 @@ class Settings(BaseSettings):
             return os.stat(v).st_ino
         except OSError as exc:
             raise ValueError(f"filter_netns {v}: {exc.strerror}") from exc
+
+
+
+def config_path(explicit: Path | None = None) -> Path | None:
+    """The config file to read: --config, else $CONN_TRACER_CONFIG, else /etc/conn-tracer/config.toml if it exists."""
+    if explicit is not None:
+        return explicit
+    if env := os.environ.get(CONFIG_ENV):
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from flags (`overrides`), the environment and the config file; raises ConfigError, ValidationError."""
+    path = config_path(config)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} not found; fix the path (--config or ${CONFIG_ENV})")
+    token = _config_file.set(path)
+    try:
+        return Settings(**overrides)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    finally:
+        _config_file.reset(token)

@@ -28,6 +28,8 @@ from app.models import EVENT_TYPES
 Predicate = Callable[[EventRecord], bool]
 
 FAMILIES = ("ipv4", "ipv6")
+# The CLI's `--family 4|6` spelling, accepted everywhere a family is.
+FAMILY_ALIASES = {"4": "ipv4", "6": "ipv6"}
 ROLES = ("client", "server")
 STATES = ("open", "closed", "all")
 
@@ -134,7 +136,9 @@ def parse_filter(params: dict[str, str]) -> tuple[Filter, int | None]:
             raise FilterError(k, f"unknown parameter; expected one of {', '.join(sorted(known))}")
     port = _int("port", params["port"], 1, 65535) if "port" in params else None
     pid = _int("pid", params["pid"], 1, 2**31 - 1) if "pid" in params else None
-    family = _choice("family", params["family"], FAMILIES) if "family" in params else None
+    family = None
+    if "family" in params:
+        family = _choice("family", FAMILY_ALIASES.get(params["family"], params["family"]), FAMILIES)
     role = _choice("role", params["role"], ROLES) if "role" in params else None
     types = None
     if "type" in params:

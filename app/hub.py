@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterator
 from operator import itemgetter
 
-from app.bpf.event import EVENT_TYPE_NAMES, TYPE, EventRecord
+from app.bpf.event import CONN_ID, EVENT_TYPE_NAMES, TYPE, EventRecord
 from app.filters import Predicate
 from app.models import EventWriter
 
@@ -285,6 +285,19 @@ class EventHub:
         if after >= self.seq or limit <= 0:
             return []
         return self.texts_from(after + 1, limit)[0]
+
+    def conn_events(self, conn_id: int, limit: int) -> list[str]:
+        """JSON of the held events of one connection (by kernel number), oldest first, at most the newest `limit`."""
+        found: list[str] = []
+        json_many = self.writer.json_many
+        # One scan of the whole buffer (~10 ms per 100,000 events here): a click in the dashboard, not a hot path.
+        for c in self.chunks:
+            recs, texts = c.recs, c.texts
+            for j, r in enumerate(recs):
+                if r[CONN_ID] == conn_id:
+                    text = texts[j] if texts is not None else None
+                    found.append(text if text is not None else json_many(c.first_seq + j, [r])[0])
+        return found[-limit:] if limit > 0 else []
 
     def seqs_held(self) -> Iterator[int]:
         """Every seq the replay buffer holds, oldest first."""

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from app import sockdiag
+from app.bpf.event import NETNS, STATE, EventRecord
 from app.config import Settings
+from app.history import History, Totals
 from app.hub import EventHub
 from app.models import EventWriter, Texts
 from app.pipeline import Pipeline
@@ -41,6 +43,15 @@ class Source(Protocol):
 
     def lost_kernel(self) -> int: ...
 
+    @property
+    def resumed(self) -> bool: ...
+
+    def tracked_sockets(self) -> list[tuple[int, EventRecord]]: ...
+
+    def forget_sockets(self, keys: list[int]) -> None: ...
+
+    def wall_offset(self, fresh_ns: int) -> int: ...
+
     def bad_records(self) -> int: ...
 
     def close(self) -> None: ...
@@ -67,6 +78,8 @@ class Core:
         self.table = ConnectionTable(self.texts, settings.max_closed_connections, settings.max_open_connections)
         self.hub = EventHub(EventWriter(self.texts), settings.replay_events, settings.subscriber_queue_events)
         self.pipeline = Pipeline(self.table, self.hub)
+        self.history = History(settings.history_seconds, self.totals)
+        self._history_task: asyncio.Task[None] | None = None
         self.started_mono = time.monotonic()
         self.websockets: set[Any] = set()
         self.shutting_down = False
@@ -84,6 +97,15 @@ class Core:
     def decode_errors(self) -> int:
         """Records that could not be decoded: a foreign size in the ring, or values the decoder rejects."""
         return self.pipeline.decode_errors + (self.tracer.bad_records() if self.tracer is not None else 0)
+
+    def totals(self) -> Totals:
+        """The cumulative counters History samples once a second."""
+        counts, table = self.hub.counts, self.table
+        sent, received = table.byte_totals()
+        return Totals(opened=counts["syn_sent"] + counts["syn_recv"], closed=counts["close"], events=self.hub.seq,
+                      bytes_sent=sent, bytes_received=received,
+                      lost=self.lost_kernel() + self.hub.dropped_subscribers + self.decode_errors(),
+                      open=table.open_count, subscribers=len(self.hub.subscribers))
 
     def healthy(self) -> tuple[bool, str | None]:
         t = self.tracer
@@ -103,7 +125,10 @@ class Core:
             self.start_error = exc
             raise
         self.tracer = tracer
+        self.texts.wall_offset_ns = tracer.wall_offset(self.texts.wall_offset_ns)
         try:
+            if tracer.resumed:
+                self._restore(tracer)
             # After attach, so a connection opening meanwhile is either in the dump or seen by the
             # kernel (the table drops the sock_diag twin then); never missed.
             if self.settings.preexisting:
@@ -122,6 +147,30 @@ class Core:
         gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
         if self.settings.preexisting and self.settings.preexisting_refresh_s > 0:
             self._refresh_task = asyncio.create_task(self._refresh_loop())
+        self._history_task = asyncio.create_task(self.history.run())
+
+    def _restore(self, tracer: Source) -> None:
+        """Lists again the connections an earlier run left in the pinned socket map, with their ids, roles,
+        owners and start times; entries of sockets that closed meanwhile are dropped from the map."""
+        tracked = tracer.tracked_sockets()
+        try:
+            alive = {conn_key(r): r for r in sockdiag.preexisting(sockdiag.dump(), {})}
+        except OSError as exc:
+            log.warning("sock_diag dump failed, restored connections not checked: %s", exc)
+            alive = None
+        own_netns = sockdiag.current_netns()
+        keep, gone = [], []
+        for key, rec in tracked:
+            if alive is not None and rec[NETNS] == own_netns:
+                now = alive.get(conn_key(rec))
+                if now is None:
+                    gone.append(key)
+                    continue
+                rec = (*rec[:STATE], now[STATE], *rec[STATE + 1:])
+            keep.append(rec)
+        tracer.forget_sockets(gone)
+        n = self.table.restore(keep)
+        log.info("restart: %d connections restored from the pinned socket map, %d gone meanwhile", n, len(gone))
 
     def _load_preexisting(self) -> None:
         try:
@@ -156,9 +205,10 @@ class Core:
 
     def stop(self) -> None:
         """Detach everything (safe twice)."""
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            self._refresh_task = None
+        for task in (self._refresh_task, self._history_task):
+            if task is not None:
+                task.cancel()
+        self._refresh_task = self._history_task = None
         if self.tracer is not None:
             try:
                 # What is still in the ring: bounded, the programs keep writing until detached.

@@ -11,6 +11,7 @@ import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from app.bpf.event import (
@@ -112,6 +113,9 @@ class ConnectionTable:
         self._closed: OrderedDict[int, ConnEntry] = OrderedDict()
         self.evicted_closed = 0
         self.evicted_open = 0
+        # Final byte counters of every connection closed so far (for byte_totals(); once per close).
+        self.closed_bytes_sent = 0
+        self.closed_bytes_received = 0
         # Key -> id of connections read from sock_diag at start-up, to drop such an entry if the
         # kernel reports the same socket too (it was opening while we attached).
         self._pre_keys: dict[ConnKey, int] = {}
@@ -173,6 +177,8 @@ class ConnectionTable:
             self._add_closed(cid, c)
 
     def _add_closed(self, cid: int, c: ConnEntry) -> None:
+        self.closed_bytes_sent += c.rec[BYTES_SENT]
+        self.closed_bytes_received += c.rec[BYTES_RECEIVED]
         if self.max_closed <= 0:
             self.evicted_closed += 1
             return
@@ -188,6 +194,15 @@ class ConnectionTable:
             twin = self._open.pop(pre, None)
             if twin is not None and not c.pid:
                 c.pid, c.comm = twin.pid, twin.comm
+
+    def restore(self, recs: Iterable[EventRecord]) -> int:
+        """Adds open connections the kernel was already tracking (pinned maps of an earlier run); returns how many."""
+        n = 0
+        for rec in recs:
+            c = self._open[rec[CONN_ID]] = ConnEntry(rec)
+            c.events = 0
+            n += 1
+        return n
 
     def add_preexisting(self, recs: Iterable[EventRecord]) -> int:
         """Adds connections found open at start-up (sock_diag), unless the kernel reported them; returns how many."""
@@ -240,6 +255,13 @@ class ConnectionTable:
             n += 1
         return n
 
+    def byte_totals(self) -> tuple[int, int]:
+        """Payload bytes sent and received over every connection in the table's life (open ones as of now)."""
+        # Once a second, from History: ~13 ms per 100,000 open connections here (most of it memory reads).
+        recs = list(map(_rec_of, self._open.values()))
+        return (self.closed_bytes_sent + sum(map(_sent_of, recs)),
+                self.closed_bytes_received + sum(map(_received_of, recs)))
+
     @property
     def preexisting_count(self) -> int:
         return len(self._pre_keys)
@@ -281,6 +303,11 @@ class ConnectionTable:
                 if len(out) >= limit:
                     break
         return out
+
+
+_rec_of = attrgetter("rec")
+_sent_of = itemgetter(BYTES_SENT)
+_received_of = itemgetter(BYTES_RECEIVED)
 
 
 def _last_ns(c: ConnEntry) -> Any:

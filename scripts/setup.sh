@@ -23,7 +23,7 @@ pkgs+=(gcc python3-dev)
 # we add Debian's generic headers; tracer.c takes no struct layout from them.
 [ -e "$build" ] || pkgs+=(linux-headers-amd64)
 if [ "$want_test" -eq 1 ]; then
-    pkgs+=(chromium bpfcc-tools iperf3 procps)
+    pkgs+=(chromium bpfcc-tools iperf3 procps nftables)
 fi
 
 missing=()

@@ -10,6 +10,10 @@ import pytest
 from app.bpf.loader import check_host
 from app.config import Settings
 
+# Services started by tests do not pin maps unless a test says so (tests/test_restart.py):
+# several run at once and would share the default instance.
+os.environ.setdefault("CONN_TRACER_PIN", "0")
+
 
 @cache
 def bpf_unavailable_reason() -> str:
@@ -28,3 +32,19 @@ def _require_bpf(request: pytest.FixtureRequest) -> None:
     if os.environ.get("CONN_TRACER_REQUIRE_BPF") == "1":
         pytest.fail(f"BPF is required here (CONN_TRACER_REQUIRE_BPF=1) but unavailable: {reason}")
     pytest.skip(f"BPF unavailable: {reason}")
+
+
+
+def require_root() -> None:
+    """Skips (fails in CI) unless root; module-scoped fixtures that make namespaces call it first."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CONN_TRACER_REQUIRE_BPF") == "1":
+        pytest.fail("root is required here (CONN_TRACER_REQUIRE_BPF=1): run the tests as root")
+    pytest.skip("needs root")
+
+
+@pytest.fixture(autouse=True)
+def _require_root(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("root") is not None:
+        require_root()

@@ -57,6 +57,17 @@ class FakeSource:
     def drain(self) -> int:
         return 0
 
+    resumed = False
+
+    def tracked_sockets(self) -> list[tuple[int, tuple[object, ...]]]:
+        return []
+
+    def forget_sockets(self, keys: list[int]) -> None:
+        pass
+
+    def wall_offset(self, fresh_ns: int) -> int:
+        return fresh_ns
+
     def lost_kernel(self) -> int:
         return self.lost
 
@@ -121,7 +132,8 @@ def test_connections_and_filters(api: tuple[TestClient, FakeSource]) -> None:
     assert c2["duration_ms"] == pytest.approx(2.9) and c2["closed_at"] is not None
     cases = {
         "port=8080": ["c2", "c1"], "port=50000": ["c2", "c1"], "port=443": ["c3"], "state=open": ["c3"],
-        "state=closed": ["c2", "c1"], "family=ipv6": ["c3"], "role=server": ["c2"], "pid=100": ["c3", "c1"],
+        "state=closed": ["c2", "c1"], "family=ipv6": ["c3"], "family=6": ["c3"], "role=server": ["c2"],
+        "pid=100": ["c3", "c1"],
         "pid=200&role=client": [], "limit=1": ["c3"], "state=all&port=8080&family=ipv4&role=client": ["c1"],
     }
     for q, want in cases.items():

@@ -42,6 +42,8 @@ def test_no_filter_is_none() -> None:
     ({"type": "close, syn_sent"}, Filter(types=frozenset({"close", "syn_sent"})), None),
     ({"after": "0"}, Filter(), 0),
     ({"after": "41", "port": "1"}, Filter(port=1), 41),
+    ({"family": "4"}, Filter(family="ipv4"), None),   # the CLI spelling too
+    ({"family": "6"}, Filter(family="ipv6"), None),
 ])
 def test_parse_ok(params: dict[str, str], want: Filter, after: int | None) -> None:
     assert parse_filter(params) == (want, after)

@@ -2,11 +2,15 @@
 
 The traffic is made here: a real TCP exchange on 127.0.0.1 in this process, so the expected ports,
 pid and byte counts are known exactly. Tests share one page and run in file order, like an on-call
-engineer keeping the dashboard open.
+engineer keeping the dashboard open. The page runs under a strict Content-Security-Policy (no
+'unsafe-inline'), added to the document here, so an inline script or style would show up as a
+console error.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -44,8 +48,17 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # A document fulfilled by Playwright (to add the CSP header) has no address, so Chromium's Local
+    # Network Access checks would block its WebSocket to 127.0.0.1 (ERR_BLOCKED_BY_LOCAL_NETWORK_ACCESS_CHECKS).
+    "--disable-features=LocalNetworkAccessChecks",
 ]
 STARTUP_TIMEOUT_S = 30.0
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+# Every column of the connection table (web/table.js), by data-col; `host` shows only when the page
+# holds connections of several hosts.
+COLUMNS = ["role", "local", "remote", "state", "pid", "sent", "recv", "rtt", "retrans", "reason", "workload", "age"]
+NARROW_COLUMNS = ["state", "pid", "sent", "recv"]
 
 
 @dataclass(frozen=True)
@@ -176,22 +189,34 @@ def browser() -> Iterator[Browser]:
             b.close()
 
 
-@pytest.fixture(scope="module")
-def dashboard(browser: Browser, service_url: str) -> Iterator[Dashboard]:
-    """The dashboard, loaded and live, with console errors and WebSocket URLs recorded."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
+def open_dashboard(browser: Browser, url: str, width: int = 1280, height: int = 800) -> Dashboard:
+    """A new page on the dashboard under CSP, loaded and live, with console errors and WebSocket URLs recorded."""
+    context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+
+    def with_csp(route: sync_api.Route) -> None:
+        resp = route.fetch()
+        route.fulfill(response=resp, headers={**resp.headers, "content-security-policy": CSP})
+
+    context.route(f"{url}/", with_csp)
     page = context.new_page()
     page.set_default_timeout(10_000)
-    dash = Dashboard(page, service_url)
+    dash = Dashboard(page, url)
     page.on("console", lambda m: dash.errors.append(f"console: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: dash.errors.append(f"pageerror: {e}"))
     page.on("websocket", lambda ws: dash.ws_urls.append(ws.url))
-    page.goto(f"{service_url}/")
+    page.goto(f"{url}/")
     expect(page.locator("#ws-status")).to_have_text("live", timeout=10_000)
+    return dash
+
+
+@pytest.fixture(scope="module")
+def dashboard(browser: Browser, service_url: str) -> Iterator[Dashboard]:
+    """The shared page."""
+    dash = open_dashboard(browser, service_url)
     try:
         yield dash
     finally:
-        context.close()
+        dash.page.context.close()
 
 
 def show_only(page: Page, text: str) -> None:
@@ -320,6 +345,168 @@ def test_websocket_outage_reconnects_and_resumes(dashboard: Dashboard) -> None:
     assert seqs and min(seqs) > seq_when_down, (seqs, seq_when_down, loss_report(dashboard))
 
 
+LAYOUT_JS = """() => {
+  const wrap = document.querySelector('.table-wrap');
+  const box = wrap.getBoundingClientRect();
+  const headers = {};
+  for (const th of document.querySelectorAll('#conn-table thead th')) {
+    const r = th.getBoundingClientRect();
+    const b = th.querySelector('button');
+    const br = b.getBoundingClientRect();
+    headers[th.dataset.col] = { shown: getComputedStyle(th).display !== 'none', left: r.left, right: r.right,
+      inside: r.width > 0 && r.left >= Math.max(0, box.left) - 0.5 && r.right <= Math.min(innerWidth, box.right) + 0.5,
+      cut: b.scrollWidth > b.clientWidth || br.left < r.left - 0.5 || br.right > r.right + 0.5 };
+  }
+  const chart = window.__connTracer.chart;
+  const ctx = document.querySelector('#chart').getContext('2d');
+  return { scrollWidth: document.documentElement.scrollWidth, innerWidth, headers,
+    wrapScrolls: wrap.scrollWidth > wrap.clientWidth, xLabels: chart.xLabels,
+    yClipped: chart.yLabels.filter((t) => ctx.measureText(t).width > chart.left - 4) };
+}"""
+
+
+def cells_in_view(row: Locator, cols: list[str]) -> dict[str, bool]:
+    """Per column: the row's cell is displayed, has room and lies inside the window."""
+    return {col: bool(row.locator(f'td[data-col="{col}"]').evaluate(
+        "(td) => { const r = td.getBoundingClientRect(); return getComputedStyle(td).display !== 'none' "
+        "&& r.width > 20 && r.left >= 0 && r.right <= innerWidth + 0.5; }")) for col in cols}
+
+
+def show_exchange(page: Page, ex: Exchange) -> Locator:
+    """Filters the table to this exchange's two rows (ports are reused on a busy host, so both) and
+    returns its client row."""
+    show_only(page, f"port:{ex.client_port} port:{ex.server_port}")
+    return conn_row(page, ex.client_port, ex.server_port)
+
+
+@pytest.mark.parametrize("width", [1280, 1440, 1920, 400])
+def test_layout_fits_the_window(dashboard: Dashboard, width: int) -> None:
+    page = dashboard.page
+    watch_this_process(page)
+    ex = tcp_exchange(1000, 2000)   # its own: the page ages closed rows out after a minute
+    row = show_exchange(page, ex)
+    page.set_viewport_size({"width": width, "height": 900})
+    try:
+        expect(row).to_have_count(1)
+        # The chart redraws on resize (next animation frame); wait for labels drawn at this width.
+        page.wait_for_function("(w) => window.__connTracer.chart.canvas.clientWidth <= w", arg=width)
+        page.wait_for_timeout(100)
+        got = page.evaluate(LAYOUT_JS)
+        assert got["scrollWidth"] <= got["innerWidth"], got
+        heads = got["headers"]
+        if width >= 1280:
+            bad = {c: h for c, h in heads.items() if c in COLUMNS and not (h["shown"] and h["inside"] and not h["cut"])}
+            assert not bad, f"column headers not fully visible at {width} px: {bad}"
+            assert not heads["host"]["shown"], "one host: no host column"
+            assert not got["wrapScrolls"], "the table scrolls sideways"
+        wanted = NARROW_COLUMNS if width < 1280 else COLUMNS
+        assert all(heads[c]["shown"] and heads[c]["inside"] for c in wanted), heads
+        assert all(cells_in_view(row, wanted).values()), cells_in_view(row, wanted)
+        # Clock times on the x axis; no y label wider than the margin it is drawn in.
+        assert len(got["xLabels"]) >= 2 and all(re.fullmatch(r"\d\d:\d\d(:\d\d)?", t) for t in got["xLabels"])
+        assert got["yClipped"] == [], got["yClipped"]
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 800})
+
+
+def history_json(url: str, **params: int) -> dict[str, list[int]]:
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    with urllib.request.urlopen(f"{url}/history?{query}", timeout=5) as resp:
+        return json.load(resp)  # type: ignore[no-any-return]
+
+
+def test_reload_keeps_the_chart_history(dashboard: Dashboard) -> None:
+    page = dashboard.page
+    t0 = int(time.time()) - 1
+    ex = tcp_exchange(300_000, 200_000)
+    total = ex.client_sent + ex.server_sent   # both ends are on this host: each byte is received once here
+    deadline = time.monotonic() + 5
+    while True:
+        h = history_json(dashboard.url, after=t0)
+        if sum(h["bytes_received"]) >= total:
+            break
+        assert time.monotonic() < deadline, f"/history never counted {total} bytes: {h}"
+        time.sleep(0.2)
+    busiest = max(range(len(h["t"])), key=lambda i: h["bytes_received"][i])
+    sec, value = h["t"][busiest], h["bytes_received"][busiest]
+    assert value > 0
+
+    page.reload()
+    expect(page.locator("#ws-status")).to_have_text("live", timeout=10_000)
+    # The chart shows that second although this page load never saw its events.
+    page.wait_for_function(
+        """([sec, value]) => { const c = window.__connTracer.chart;
+            return c.range && c.range.first <= sec && sec <= c.range.last
+              && c.values.bytesIn[sec - c.range.first] === value; }""", arg=[sec, value], timeout=5000)
+    assert page.evaluate("(s) => window.__connTracer.store.rates.get(s, 'bytesIn')", sec) == 0
+
+
+def test_timeline_has_events_from_before_the_page_opened(browser: Browser, service_url: str) -> None:
+    # Still open when the page loads, so a busy host cannot push it out of the server's closed history.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server_port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", server_port), timeout=5)
+        server, _ = listener.accept()
+    ex = Exchange(client.getsockname()[1], server_port, os.getpid(), 2222, 3333)
+    dash = None
+    try:
+        client.sendall(b"x" * ex.client_sent)
+        _recv_exactly(server, ex.client_sent)
+        server.sendall(b"y" * ex.server_sent)
+        _recv_exactly(client, ex.server_sent)
+        dash = open_dashboard(browser, service_url)
+        page = dash.page
+        row = show_exchange(page, ex)
+        expect(row).to_have_count(1)
+        seq_at_open = page.evaluate("() => window.__connTracer.store.maxSeq")
+        row.click()
+        details = page.locator("#details")
+        expect(details.locator("ol.timeline li[data-state]")).to_have_text(["SYN_SENT", "ESTABLISHED"])
+        expect(details.locator("table.events tbody tr td:nth-child(2)").first).to_have_text("syn_sent")
+        expect(details).not_to_contain_text("Only events streamed")
+        seqs = page.evaluate("(id) => window.__connTracer.store.conns.get(id).events.map((e) => e.seq)",
+                             row.get_attribute("data-conn-id"))
+        assert seq_at_open is None or min(seqs) <= seq_at_open, (seqs, seq_at_open)
+        for fact in ("rtt", "retransmits", "close reason", "cgroup", "host"):
+            expect(details.locator("dt", has_text=re.compile(f"^{fact}$"))).to_have_count(1)
+        client.close()
+        server.close()
+        # ...and the stream carries on where the fetched events end.
+        expect(details.locator("ol.timeline li[data-state]").last).to_have_text("CLOSE")
+        assert dash.errors == []
+    finally:
+        client.close()
+        server.close()
+        if dash is not None:
+            dash.page.context.close()
+
+
+def test_export_csv_and_json(dashboard: Dashboard) -> None:
+    page = dashboard.page
+    watch_this_process(page)
+    ex = tcp_exchange(1111, 2345)
+    show_exchange(page, ex)
+    expect(page.locator("#conn-table tr[data-conn-id]")).to_have_count(2)
+    want = {(ex.client_port, ex.server_port, "client", ex.client_sent, ex.server_sent),
+            (ex.server_port, ex.client_port, "server", ex.server_sent, ex.client_sent)}
+
+    with page.expect_download() as dl:
+        page.click("#export-csv")
+    assert dl.value.suggested_filename.endswith(".csv")
+    rows = list(csv.DictReader(io.StringIO(Path(dl.value.path()).read_text())))
+    assert {(int(r["src_port"]), int(r["dst_port"]), r["role"], int(r["bytes_sent"]), int(r["bytes_received"]))
+            for r in rows} == want
+    assert all(r["pid"] == str(ex.pid) and r["closed_at"] for r in rows)
+
+    with page.expect_download() as dl:
+        page.click("#export-json")
+    assert dl.value.suggested_filename.endswith(".json")
+    objs = json.loads(Path(dl.value.path()).read_text())
+    assert {(o["src_port"], o["dst_port"], o["role"], o["bytes_sent"], o["bytes_received"]) for o in objs} == want
+    # Fields the server does not report (yet) are null, never missing.
+    assert all("srtt_us" in o and "close_reason" in o and "cgroup" in o for o in objs)
+
+
 def test_no_console_errors_and_screenshot(dashboard: Dashboard) -> None:
     page = dashboard.page
     watch_this_process(page)
@@ -334,6 +521,8 @@ def test_no_console_errors_and_screenshot(dashboard: Dashboard) -> None:
     page.locator("#chart").scroll_into_view_if_needed()
     page.evaluate("() => { window.scrollTo(0, 0); document.querySelector('.table-wrap').scrollTop = 0; }")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size({"width": 1440, "height": 900})   # docs/dashboard.png is taken from this
+    page.wait_for_timeout(300)
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"))
     page.set_viewport_size({"width": 420, "height": 900})
     page.screenshot(path=str(ARTIFACTS / "dashboard-narrow.png"))

@@ -3,7 +3,9 @@
 
 import { Chart } from './chart.js';
 import { Details } from './details.js';
+import { download, exportRow, fileStamp, toCSV, toJSON } from './export.js';
 import { humanBytes, humanCount } from './format.js';
+import { ServerHistory } from './history.js';
 import { LIMITS, Store } from './store.js';
 import { Stream, withToken } from './stream.js';
 import { ConnTable } from './table.js';
@@ -15,11 +17,15 @@ const API = /\/(static|web)\/$/.test(here.pathname) ? new URL('..', here) : here
 const api = (path) => withToken(new URL(path, API));
 
 const POLL_MS = 2000;
+const HISTORY_POLL_MS = 1000;
+const DETAIL_EVENTS = 1000; // events of one connection fetched for the details panel
 const TABLE_MIN_MS = 150;  // at most ~7 table renders/s; the eye can't follow more
 const SLOW_MIN_MS = 1000;  // chart, counters, talkers: per-second data
 
 const $ = (sel) => document.querySelector(sel);
 const store = new Store();
+const history = new ServerHistory();
+let chartWindow = 300;
 let selected = null;
 let health = { text: 'checking…', ok: null };
 let stats = null;
@@ -52,7 +58,28 @@ function select(id) {
   store.pinned = id;
   lastTable = 0;
   schedule();
-  if (id) $('#details').scrollTop = 0;
+  if (id) {
+    const panel = $('#details');
+    panel.scrollTop = 0;
+    // Below the table (windows under 1700 px): bring the panel into view if it is out of sight.
+    if (panel.getBoundingClientRect().top > window.innerHeight - 80) panel.scrollIntoView({ block: 'nearest' });
+    loadEvents(id);
+  }
+}
+
+/** The selected connection's events the server still holds, including those from before the page opened. */
+async function loadEvents(id) {
+  const conn = store.conns.get(id);
+  if (!conn || conn.eventsFromServer) return;
+  details.loading = id;
+  schedule();
+  try {
+    const r = await getJSON(`connections/${encodeURIComponent(id)}/events?limit=${DETAIL_EVENTS}`);
+    if (r.ok) store.mergeEvents(id, await r.json());
+  } catch { /* the panel then says only streamed events are shown */ }
+  if (details.loading === id) details.loading = null;
+  lastTable = 0;
+  schedule();
 }
 
 function schedule() {
@@ -78,9 +105,12 @@ function render() {
   if (now - lastSlow >= SLOW_MIN_MS) {
     lastSlow = now;
     store.enforceLimits();
-    const nowSec = Math.floor(serverNow / 1000);
-    chart.draw(store.rates, nowSec - 1);
-    renderCounters(nowSec);
+    // The chart and the per-second counters come from the server's history once it answered
+    // (the same numbers after a reload); until then from what this page saw.
+    const nowSec = history.loaded ? history.latest : Math.floor(serverNow / 1000) - 1;
+    const source = history.loaded ? history : store.rates;
+    chart.draw(source, nowSec, chartWindow);
+    renderCounters(source, nowSec + 1);
     renderTalkers($('#top-talkers-body'), store.conns);
   }
 }
@@ -95,8 +125,7 @@ function setText(sel, text) {
   if (e && e.textContent !== text) e.textContent = text;
 }
 
-function renderCounters(nowSec) {
-  const r = store.rates;
+function renderCounters(r, nowSec) {
   setText('#c-open', stats ? String(stats.connections_open ?? '–') : '–');
   setText('#c-new', humanCount(r.mean(nowSec, 'newConns')));
   setText('#c-close', humanCount(r.mean(nowSec, 'closes')));
@@ -164,6 +193,18 @@ async function poll() {
   schedule();
 }
 
+let historyBusy = false;
+async function pollHistory() {
+  if (historyBusy) return;
+  historyBusy = true;
+  try {
+    const after = history.latest ?? 0;
+    const r = await getJSON(`history?after=${after}&seconds=${history.seconds}`);
+    if (r.ok && history.add(await r.json())) { lastSlow = 0; schedule(); }
+  } catch { /* the chart falls back to what the page saw */ }
+  historyBusy = false;
+}
+
 async function loadSnapshot() {
   try {
     const r = await getJSON(`connections?limit=500`);
@@ -216,6 +257,7 @@ function resyncSoon() {
 
 function restartedServer() {
   store.reset();
+  history.reset();
   snapshotLoaded = false;
   pending = [];
   stream.restart();
@@ -238,11 +280,29 @@ document.addEventListener('keydown', (e) => {
   if (e.key === 'Escape' && selected) select(null);
 });
 window.addEventListener('resize', () => { lastSlow = 0; schedule(); });
+for (const b of document.querySelectorAll('.range button')) {
+  b.addEventListener('click', () => {
+    chartWindow = Number(b.dataset.window);
+    for (const o of document.querySelectorAll('.range button')) o.setAttribute('aria-pressed', String(o === b));
+    lastSlow = 0;
+    schedule();
+  });
+}
+
+function exportTable(kind) {
+  const now = store.now();
+  const rows = table.matching.map((c) => exportRow(c, now));
+  const name = `conn-tracer-${fileStamp(Date.now())}.${kind}`;
+  if (kind === 'csv') download(name, 'text/csv', toCSV(rows));
+  else download(name, 'application/json', toJSON(rows));
+}
+$('#export-csv').addEventListener('click', () => exportTable('csv'));
+$('#export-json').addEventListener('click', () => exportTable('json'));
 setInterval(schedule, 1000); // ages, chart and eviction move on even when no events arrive
 
 // For tests and for poking from the console.
 window.__connTracer = {
-  store, stream, limits: LIMITS,
+  store, stream, history, chart, table, limits: LIMITS,
   get ws() { return stream.ws; },
   simulateOutage: (ms) => stream.simulateOutage(ms),
 };
@@ -250,6 +310,7 @@ window.__connTracer = {
 // Subscribe first, then snapshot: events in between are buffered, so the seam has no gap.
 await poll();
 stream.connect();
-await loadSnapshot();
+await Promise.all([loadSnapshot(), pollHistory()]);
 setInterval(poll, POLL_MS);
+setInterval(pollHistory, HISTORY_POLL_MS);
 

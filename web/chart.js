@@ -1,9 +1,11 @@
-// Canvas chart of the last N seconds: throughput (in/out) on top, new connections/s below.
-// Hand-written so the dashboard needs no third-party code or build step.
+// Canvas chart of the last N seconds: throughput (in/out) on top, new connections/s below, with
+// clock times on the x axis. Hand-written so the dashboard needs no third-party code or build step.
 
-import { humanBytes, humanCount } from './format.js';
+import { clockLabel, humanBytes, humanCount } from './format.js';
 
-const PAD = { left: 64, right: 12, top: 18, bottom: 20, gap: 26 };
+const PAD = { right: 12, top: 18, bottom: 20, gap: 26 };
+// Tick spacing (seconds) by window length: about 5-8 labels across.
+const TICKS = [[120, 15], [300, 60], [900, 120], [1800, 300], [3600, 600], [Infinity, 1800]];
 
 function niceMax(v) {
   if (v <= 0) return 1;
@@ -13,10 +15,10 @@ function niceMax(v) {
 }
 
 function niceBytesMax(v) {
-  // Powers of 1024 keep axis labels round in KiB/MiB.
+  // Powers of 1024 keep axis labels round in KiB/MiB; a nice maximum of 1000+ units moves up one.
   if (v <= 0) return 1024;
   let unit = 1;
-  while (v / unit >= 1024) unit *= 1024;
+  while (v / unit >= 1024 || niceMax(v / unit) >= 1024) unit *= 1024;
   return niceMax(v / unit) * unit;
 }
 
@@ -27,6 +29,10 @@ export class Chart {
     this.ctx = canvas.getContext('2d');
     this.hoverX = null;
     this.last = null;
+    this.xLabels = [];   // what the x axis shows (for tests and screen readers)
+    this.yLabels = [];
+    this.range = null;   // {first, last} epoch seconds drawn
+    this.values = null;  // the drawn series (for tests)
     canvas.addEventListener('mousemove', (e) => { this.hoverX = e.offsetX; this.redrawLast(); });
     canvas.addEventListener('mouseleave', () => { this.hoverX = null; this.redrawLast(); });
   }
@@ -40,9 +46,10 @@ export class Chart {
 
   redrawLast() { if (this.last) this.draw(...this.last); }
 
-  /** @param {import('./store.js').Rates} rates @param {number} nowSec newest complete second */
-  draw(rates, nowSec) {
-    this.last = [rates, nowSec];
+  /** @param {{get(sec:number, name:string):number}} source per-second values
+   *  @param {number} endSec newest complete second (epoch, server clock) @param {number} n seconds shown */
+  draw(source, endSec, n = 300) {
+    this.last = [source, endSec, n];
     const dpr = window.devicePixelRatio || 1;
     const w = this.canvas.clientWidth, h = this.canvas.clientHeight;
     if (!w || !h) return;
@@ -55,27 +62,37 @@ export class Chart {
     ctx.clearRect(0, 0, w, h);
     const c = this.colors();
     ctx.font = c.font;
-    const n = rates.n;
-    const first = nowSec - n + 1;
-    const get = (name) => Array.from({ length: n }, (_, i) => rates.get(first + i, name));
+    const first = endSec - n + 1;
+    const get = (name) => Array.from({ length: n }, (_, i) => source.get(first + i, name));
     const bin = get('bytesIn'), bout = get('bytesOut'), conns = get('newConns');
+    this.range = { first, last: endSec };
+    this.values = { bytesIn: bin, bytesOut: bout, newConns: conns };
 
-    const plotW = w - PAD.left - PAD.right;
+    const bMax = niceBytesMax(Math.max(...bin, ...bout));
+    const cMax = niceMax(Math.max(...conns));
+    const fmtB = (v) => `${humanBytes(v)}/s`;
+    const yTop = [0, 0.5, 1].map((f) => fmtB(bMax * f));
+    const yBot = [0, 0.5, 1].map((f) => humanCount(cMax * f));
+    this.yLabels = [...yTop, ...yBot];
+    // The left margin fits the widest y label, so none is clipped ("000 KiB/s").
+    const left = Math.ceil(Math.max(...this.yLabels.map((s) => ctx.measureText(s).width))) + 12;
+    this.left = left;
+    const plotW = w - left - PAD.right;
     const usable = h - PAD.top - PAD.bottom - PAD.gap;
     const topH = Math.round(usable * 0.62), botH = usable - topH;
     const top = { y: PAD.top, h: topH };
     const bot = { y: PAD.top + topH + PAD.gap, h: botH };
-    const x = (i) => PAD.left + (i + 0.5) * (plotW / n);
+    const x = (i) => left + (i + 0.5) * (plotW / n);
 
-    const bMax = niceBytesMax(Math.max(...bin, ...bout));
-    const cMax = niceMax(Math.max(...conns));
-    this.#axis(top, bMax, (v) => `${humanBytes(v)}/s`, c, w);
-    this.#axis(bot, cMax, (v) => humanCount(v), c, w);
+    this.#axis(top, yTop, c, left, w);
+    this.#axis(bot, yBot, c, left, w);
 
     ctx.fillStyle = c.text;
     ctx.textAlign = 'left';
-    ctx.fillText('throughput (bytes/s) — solid: in, dashed: out', PAD.left, top.y - 6);
-    ctx.fillText('new connections/s', PAD.left, bot.y - 6);
+    const title = ['throughput (bytes/s) — solid: in, dashed: out', 'bytes/s — solid: in, dashed: out', 'bytes/s']
+      .find((t) => ctx.measureText(t).width <= plotW) ?? 'bytes/s';
+    ctx.fillText(title, left, top.y - 6);
+    ctx.fillText('new connections/s', left, bot.y - 6);
 
     // Bars for connection counts: discrete events per second read better as bars than a line.
     ctx.fillStyle = c.conn;
@@ -87,31 +104,47 @@ export class Chart {
     });
     this.#line(bin, top, bMax, x, c.inC, []);
     this.#line(bout, top, bMax, x, c.outC, [5, 3]);
-
-    // Time labels: the x axis is "seconds ago", which needs no clock agreement with the server.
-    ctx.fillStyle = c.text;
-    ctx.textAlign = 'center';
-    for (const ago of [300, 240, 180, 120, 60, 0]) {
-      if (ago >= n) continue;
-      ctx.fillText(ago ? `-${ago / 60}m` : 'now', x(n - 1 - ago), h - 5);
-    }
-    this.#hover({ bin, bout, conns, n, plotW, top, bot, x, c });
+    this.#timeAxis({ first, n, x, c, h, top, bot, plotW });
+    this.#hover({ bin, bout, conns, n, first, plotW, top, bot, x, c, left });
   }
 
-  #axis(area, max, fmt, c, w) {
+  #timeAxis({ first, n, x, c, h, top, bot, plotW }) {
+    // Clock times (local) at round multiples of the tick step, so labels do not move as time passes.
+    const ctx = this.ctx;
+    let step = TICKS.find(([span]) => n <= span)[1];
+    const labelW = ctx.measureText('00:00:00').width + 16;
+    while ((n / step) * labelW > plotW && step < n) step *= 2; // narrow screens: fewer labels
+    const withSeconds = step % 60 !== 0;
+    this.xLabels = [];
+    ctx.textAlign = 'center';
+    for (let s = Math.ceil(first / step) * step; s < first + n; s += step) {
+      const px = Math.round(x(s - first)) + 0.5;
+      ctx.strokeStyle = c.grid;
+      ctx.beginPath();
+      ctx.moveTo(px, top.y);
+      ctx.lineTo(px, bot.y + bot.h);
+      ctx.stroke();
+      const label = clockLabel(s, withSeconds);
+      ctx.fillStyle = c.text;
+      ctx.fillText(label, px, h - 5);
+      this.xLabels.push(label);
+    }
+  }
+
+  #axis(area, labels, c, left, w) {
     const ctx = this.ctx;
     ctx.strokeStyle = c.grid;
     ctx.lineWidth = 1;
     ctx.fillStyle = c.text;
     ctx.textAlign = 'right';
-    for (const f of [0, 0.5, 1]) {
-      const y = Math.round(area.y + area.h - f * area.h) + 0.5;
+    labels.forEach((text, k) => {
+      const y = Math.round(area.y + area.h - (k / 2) * area.h) + 0.5;
       ctx.beginPath();
-      ctx.moveTo(PAD.left, y);
+      ctx.moveTo(left, y);
       ctx.lineTo(w - PAD.right, y);
       ctx.stroke();
-      ctx.fillText(fmt(max * f), PAD.left - 6, y + 4);
-    }
+      ctx.fillText(text, left - 6, y + 4);
+    });
   }
 
   #line(values, area, max, x, color, dash) {
@@ -128,12 +161,12 @@ export class Chart {
     ctx.setLineDash([]);
   }
 
-  #hover({ bin, bout, conns, n, plotW, top, bot, x, c }) {
-    if (this.hoverX == null || this.hoverX < PAD.left) {
+  #hover({ bin, bout, conns, n, first, plotW, top, bot, x, c, left }) {
+    if (this.hoverX == null || this.hoverX < left) {
       if (this.readout) this.readout.textContent = 'hover the chart for per-second values';
       return;
     }
-    const i = Math.min(n - 1, Math.max(0, Math.floor((this.hoverX - PAD.left) / (plotW / n))));
+    const i = Math.min(n - 1, Math.max(0, Math.floor((this.hoverX - left) / (plotW / n))));
     const ctx = this.ctx;
     ctx.strokeStyle = c.text;
     ctx.beginPath();
@@ -141,8 +174,8 @@ export class Chart {
     ctx.lineTo(Math.round(x(i)) + 0.5, bot.y + bot.h);
     ctx.stroke();
     if (this.readout) {
-      this.readout.textContent = `${n - 1 - i} s ago: in ${humanBytes(bin[i])}/s, out ${humanBytes(bout[i])}/s, `
-        + `${conns[i]} new connection${conns[i] === 1 ? '' : 's'}`;
+      this.readout.textContent = `${clockLabel(first + i, true)}: in ${humanBytes(bin[i])}/s, `
+        + `out ${humanBytes(bout[i])}/s, ${conns[i]} new connection${conns[i] === 1 ? '' : 's'}`;
     }
   }
 }

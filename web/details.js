@@ -1,7 +1,8 @@
-// Details panel: one connection's facts and every event the page saw for it, so the
-// state timeline (SYN_SENT -> ESTABLISHED -> ... -> CLOSE) can be read top to bottom.
+// Details panel: one connection's facts and its events (those the server still holds, from
+// GET /connections/{id}/events, plus what the stream brought since), so the state timeline
+// (SYN_SENT -> ESTABLISHED -> ... -> CLOSE) can be read top to bottom.
 
-import { clockTime, endpoint, humanBytes, humanDuration, procLabel } from './format.js';
+import { clockTime, endpoint, humanBytes, humanDuration, orDash, procLabel, usAsMs } from './format.js';
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -24,6 +25,7 @@ export class Details {
     this.root = root;
     this.onClose = onClose;
     this.shown = null; // [id, version] last rendered
+    this.loading = null; // id whose events are being fetched
   }
 
   render(conn, id, serverNow) {
@@ -35,7 +37,8 @@ export class Details {
       }
       return;
     }
-    const key = `${id}:${conn ? conn.version : 'gone'}:${conn?.closedMs == null ? Math.floor(serverNow / 1000) : ''}`;
+    const key = `${id}:${conn ? conn.version : 'gone'}:${conn?.closedMs == null ? Math.floor(serverNow / 1000) : ''}`
+      + `:${this.loading === id}`;
     if (this.shown === key) return;
     this.shown = key;
     const close = el('button', { type: 'button', class: 'close', 'aria-label': 'close details' }, '×');
@@ -59,6 +62,16 @@ export class Details {
     fact('received', `${conn.bytes_received} (${humanBytes(conn.bytes_received)})`);
     fact('started', clockTime(conn.startedMs));
     fact(closed ? 'duration' : 'age', humanDuration(dur));
+    fact('rtt', conn.srtt_us == null ? '-'
+      : `${usAsMs(conn.srtt_us)}${conn.rttvar_us == null ? '' : ` ± ${usAsMs(conn.rttvar_us)}`}`);
+    fact('retransmits', conn.retrans_segs == null ? '-'
+      : `${conn.retrans_segs} segments${conn.bytes_retrans ? ` (${humanBytes(conn.bytes_retrans)})` : ''}`);
+    fact('connect', orDash(conn.connect_us, usAsMs));
+    fact('close reason', orDash(conn.close_reason));
+    fact('cgroup', orDash(conn.cgroup));
+    fact('container', orDash(conn.container_id));
+    fact('host', orDash(conn.host));
+    fact('netns', orDash(conn.netns));
 
     const states = stateTimeline(conn.events);
     const timeline = el('ol', { class: 'timeline', 'aria-label': 'state timeline' });
@@ -69,11 +82,15 @@ export class Details {
 
     const parts = [el('div', { class: 'details-head' }, el('h2', {}, 'Connection details'), close), facts];
     if (states.length) parts.push(el('h3', {}, 'State timeline'), timeline);
-    if (!conn.events.length || conn.fromSnapshot) {
-      // Events before the page loaded are not replayed per connection; say so rather than imply none.
+    if (this.loading === id && !conn.eventsFromServer) {
+      parts.push(el('p', { class: 'muted' }, 'Loading its events from the server…'));
+    } else if (!conn.eventsFromServer && (!conn.events.length || conn.fromSnapshot)) {
+      // The server's replay buffer could not be read: say what is missing rather than imply none.
       const known = conn.knownEvents != null ? ` The server counted ${conn.knownEvents} events for it.` : '';
-      parts.push(el('p', { class: 'muted' }, `Loaded from /connections when the page opened: events `
-        + `before then are not shown, only those streamed since.${known}`));
+      parts.push(el('p', { class: 'muted' }, `Only events streamed since the page opened are shown.${known}`));
+    } else if (conn.knownEvents != null && conn.knownEvents > conn.events.length + conn.omitted) {
+      parts.push(el('p', { class: 'muted' }, `The server counted ${conn.knownEvents} events; older ones have `
+        + 'left its replay buffer.'));
     }
     if (conn.events.length) {
       const tbody = el('tbody');

@@ -52,3 +52,29 @@ export function procLabel(pid, comm) {
   if (pid == null && !comm) return '?';
   return `${pid ?? '?'} ${comm ?? ''}`.trim();
 }
+
+/** A value for display, or "-" when the field is absent or null (fields the server may not send yet). */
+export function orDash(v, fmt = String) {
+  return v == null || v === '' ? '-' : fmt(v);
+}
+
+/** Microseconds as milliseconds, e.g. 1234 -> "1.23 ms". */
+export function usAsMs(us) {
+  if (!Number.isFinite(us)) return '-';
+  const ms = us / 1000;
+  return `${ms < 10 ? ms.toFixed(2) : ms < 100 ? ms.toFixed(1) : Math.round(ms)} ms`;
+}
+
+/** Epoch seconds -> local "HH:MM" (or "HH:MM:SS" with seconds=true). */
+export function clockLabel(sec, seconds = false) {
+  const d = new Date(sec * 1000);
+  const p = (x) => String(x).padStart(2, '0');
+  return `${p(d.getHours())}:${p(d.getMinutes())}${seconds ? `:${p(d.getSeconds())}` : ''}`;
+}
+
+/** The workload a connection belongs to: container id (short) if any, else the cgroup path's last part. */
+export function workload(c) {
+  if (c.container_id) return String(c.container_id).slice(0, 12);
+  if (c.cgroup) return String(c.cgroup).split('/').filter(Boolean).pop() ?? c.cgroup;
+  return '-';
+}

@@ -11,7 +11,17 @@ export const LIMITS = {
   windowSeconds: 300,        // chart history
 };
 
-const FIELDS = ['family', 'role', 'state', 'src_addr', 'src_port', 'dst_addr', 'dst_port', 'pid', 'comm'];
+const FIELDS = ['family', 'role', 'state', 'src_addr', 'src_port', 'dst_addr', 'dst_port', 'pid', 'comm', 'netns',
+  // TCP health and workload facts: absent from servers that do not report them yet (shown as "-").
+  'srtt_us', 'rttvar_us', 'retrans_segs', 'bytes_retrans', 'connect_us', 'close_reason', 'cgroup', 'container_id',
+  'host'];
+
+/** What the page keeps of one event (the details panel's rows). */
+function eventEntry(msg, ts) {
+  return { seq: msg.seq, type: msg.type, state: msg.state, ts, bytes_sent: msg.bytes_sent,
+    bytes_received: msg.bytes_received, pid: msg.pid, comm: msg.comm, srtt_us: msg.srtt_us,
+    retrans_segs: msg.retrans_segs, close_reason: msg.close_reason };
+}
 
 /** Ring of per-second buckets keyed by epoch second (server clock). */
 export class Rates {
@@ -116,6 +126,9 @@ export class Store {
       if (c.state && c.state !== rec.state) { rec.state = c.state; changed = true; }
     }
     if (rec.pid == null && c.pid != null) { rec.pid = c.pid; rec.comm = c.comm; changed = true; }
+    for (const f of ['srtt_us', 'rttvar_us', 'retrans_segs', 'connect_us', 'close_reason', 'cgroup', 'container_id']) {
+      if (c[f] != null && rec[f] == null) { rec[f] = c[f]; changed = true; }
+    }
     if (changed) rec.version++;
   }
 
@@ -157,6 +170,7 @@ export class Store {
     rec.bytes_received = recv;
     if (!closedAlready) this.#assign(rec, msg);
     else if (rec.pid == null && msg.pid != null) { rec.pid = msg.pid; rec.comm = msg.comm; }
+    if (msg.close_reason != null) rec.close_reason = msg.close_reason;
     if ((msg.type === 'syn_sent' || msg.type === 'syn_recv') && !rec.countedNew) {
       rec.countedNew = true;
       this.rates.add(sec, 'newConns', 1);
@@ -168,7 +182,8 @@ export class Store {
       this.rates.add(sec, 'closes', 1);
     }
     rec.lastLocal = localNow;
-    this.#pushEvent(rec, msg, ts);
+    // A fetch of this connection's events (details panel) may already hold events the stream brings later.
+    if (!(rec.eventsFromServer && rec.events.some((e) => e.seq === msg.seq))) this.#pushEvent(rec, msg, ts);
     rec.version++;
     this.version++;
     if (isNew && this.conns.size > LIMITS.maxConnections) this.enforceLimits();
@@ -214,7 +229,7 @@ export class Store {
       id, family: null, role: null, state: null, src_addr: null, src_port: null, dst_addr: null,
       dst_port: null, pid: null, comm: null, bytes_sent: 0, bytes_received: 0,
       startedMs: NaN, closedMs: null, closedLocal: null, firstLocal: localNow, lastLocal: localNow,
-      fresh: true, fromSnapshot: false, knownEvents: null, countedNew: false,
+      fresh: true, fromSnapshot: false, knownEvents: null, countedNew: false, eventsFromServer: false,
       events: [], omitted: 0, version: 0,
     };
   }
@@ -227,9 +242,29 @@ export class Store {
     }
   }
 
+  /** Events of one connection from GET /connections/{id}/events (those from before the page opened
+   *  too): merged with what the stream delivered, by seq, oldest first. */
+  mergeEvents(id, list) {
+    const rec = this.conns.get(id);
+    if (!rec || !Array.isArray(list)) return;
+    const bySeq = new Map(rec.events.map((e) => [e.seq, e]));
+    for (const ev of list) {
+      if (ev && typeof ev.seq === 'number' && !bySeq.has(ev.seq)) bySeq.set(ev.seq, eventEntry(ev, Date.parse(ev.ts)));
+    }
+    rec.events = [...bySeq.values()].sort((a, b) => a.seq - b.seq);
+    rec.omitted = 0;
+    if (rec.events.length > LIMITS.eventsPerConnection) {
+      const cut = rec.events.length - LIMITS.eventsPerConnection;
+      rec.events.splice(LIMITS.eventsHead, cut);
+      rec.omitted = cut;
+    }
+    rec.eventsFromServer = true;
+    rec.version++;
+    this.version++;
+  }
+
   #pushEvent(rec, msg, ts) {
-    rec.events.push({ seq: msg.seq, type: msg.type, state: msg.state, ts, bytes_sent: msg.bytes_sent,
-      bytes_received: msg.bytes_received, pid: msg.pid, comm: msg.comm });
+    rec.events.push(eventEntry(msg, ts));
     if (rec.events.length > LIMITS.eventsPerConnection) {
       // Drop from the middle: the handshake and the newest events tell the story.
       rec.events.splice(LIMITS.eventsHead, 1);

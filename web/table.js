@@ -1,19 +1,33 @@
 // Connection table: filter, sort, and a capped, keyed render that reuses row elements
 // so thousands of events per second cost only the cells whose text actually changed.
 
-import { endpoint, humanBytes, humanDuration, procLabel } from './format.js';
+import { endpoint, humanBytes, humanDuration, orDash, procLabel, usAsMs, workload } from './format.js';
 
 export const MAX_ROWS = 300;
 const FRESH_MS = 1500;
 
-const COLUMNS = [
-  { key: 'role', label: 'role', get: (c) => c.role ?? '' },
-  { key: 'local', label: 'local', get: (c) => `${c.src_addr ?? ''}\u0000${String(c.src_port ?? 0).padStart(5, '0')}` },
-  { key: 'remote', label: 'remote', get: (c) => `${c.dst_addr ?? ''}\u0000${String(c.dst_port ?? 0).padStart(5, '0')}` },
-  { key: 'state', label: 'state', get: (c) => c.state ?? '' },
-  { key: 'pid', label: 'pid / comm', get: (c) => c.pid ?? -1 },
-  { key: 'sent', label: 'sent', get: (c) => c.bytes_sent, num: true },
-  { key: 'recv', label: 'received', get: (c) => c.bytes_received, num: true },
+// `text` renders a cell from a connection; `get` is the sort key. Which columns a narrow screen
+// hides is in style.css (by data-col), so the markup stays the same at every width.
+export const COLUMNS = [
+  { key: 'role', label: 'role', get: (c) => c.role ?? '', text: (c) => c.role ?? '?' },
+  { key: 'local', label: 'local', get: (c) => `${c.src_addr ?? ''}\u0000${String(c.src_port ?? 0).padStart(5, '0')}`,
+    text: (c) => endpoint(c.src_addr, c.src_port), title: true },
+  { key: 'remote', label: 'remote', get: (c) => `${c.dst_addr ?? ''}\u0000${String(c.dst_port ?? 0).padStart(5, '0')}`,
+    text: (c) => endpoint(c.dst_addr, c.dst_port), title: true },
+  { key: 'state', label: 'state', get: (c) => c.state ?? '', text: (c) => c.state ?? '?' },
+  { key: 'pid', label: 'pid / comm', get: (c) => c.pid ?? -1, text: (c) => procLabel(c.pid, c.comm), title: true },
+  { key: 'sent', label: 'sent', get: (c) => c.bytes_sent, num: true, text: (c) => String(c.bytes_sent),
+    tip: (c) => humanBytes(c.bytes_sent) },
+  { key: 'recv', label: 'received', get: (c) => c.bytes_received, num: true, text: (c) => String(c.bytes_received),
+    tip: (c) => humanBytes(c.bytes_received) },
+  { key: 'rtt', label: 'rtt', get: (c) => c.srtt_us ?? -1, num: true, text: (c) => orDash(c.srtt_us, usAsMs),
+    tip: (c) => (c.rttvar_us == null ? 'smoothed RTT' : `smoothed RTT, variance ${usAsMs(c.rttvar_us)}`) },
+  { key: 'retrans', label: 'retrans', get: (c) => c.retrans_segs ?? -1, num: true, text: (c) => orDash(c.retrans_segs),
+    tip: () => 'segments retransmitted' },
+  { key: 'reason', label: 'close', get: (c) => c.close_reason ?? '', text: (c) => orDash(c.close_reason) },
+  { key: 'workload', label: 'cgroup', get: (c) => workload(c), text: (c) => workload(c),
+    tip: (c) => c.cgroup ?? 'cgroup unknown' },
+  { key: 'host', label: 'host', get: (c) => c.host ?? '', text: (c) => orDash(c.host), title: true },
   { key: 'age', label: 'age / duration', get: (c) => -(c.startedMs || c.firstLocal), num: true },
 ];
 
@@ -24,12 +38,14 @@ export function makeFilter(text) {
   const terms = text.trim().toLowerCase().split(/\s+/).filter(Boolean);
   if (!terms.length) return () => true;
   const preds = terms.map((t) => {
-    const kv = t.match(/^(port|pid|addr|state|role|comm|family|id):(.+)$/);
+    const kv = t.match(/^(port|pid|addr|state|role|comm|family|id|host|cgroup|reason):(.+)$/);
     if (kv) {
       const [, k, v] = kv;
       if (k === 'port') return (c) => String(c.src_port) === v || String(c.dst_port) === v;
       if (k === 'pid') return (c) => String(c.pid) === v;
       if (k === 'addr') return (c) => `${c.src_addr} ${c.dst_addr}`.toLowerCase().includes(v);
+      if (k === 'reason') return (c) => String(c.close_reason ?? '').toLowerCase().includes(v);
+      if (k === 'cgroup') return (c) => `${c.cgroup ?? ''} ${c.container_id ?? ''}`.toLowerCase().includes(v);
       return (c) => String(c[k] ?? '').toLowerCase().includes(v);
     }
     if (/^\d+$/.test(t)) return (c) => String(c.src_port) === t || String(c.dst_port) === t || String(c.pid) === t;
@@ -40,7 +56,8 @@ export function makeFilter(text) {
 
 function haystack(c) {
   return [c.id, c.family, c.role, c.state, endpoint(c.src_addr, c.src_port), endpoint(c.dst_addr, c.dst_port),
-    c.pid, c.comm, c.closedMs != null ? 'closed' : 'open'].join(' ').toLowerCase();
+    c.pid, c.comm, c.closedMs != null ? 'closed' : 'open', c.close_reason, c.cgroup, c.container_id, c.host]
+    .filter((x) => x != null).join(' ').toLowerCase();
 }
 
 export class ConnTable {
@@ -52,8 +69,10 @@ export class ConnTable {
     this.sortKey = 'age';
     this.sortDir = 1;
     this.filter = () => true;
+    this.matching = [];
     this.selected = null;
     this.onSelect = onSelect;
+    this.table.dataset.hosts = 'one';
     this.#header();
     this.tbody.addEventListener('click', (e) => {
       const tr = e.target.closest('tr[data-conn-id]');
@@ -111,6 +130,7 @@ export class ConnTable {
       if (x > y) return dir;
       return a.id < b.id ? -1 : a.id > b.id ? 1 : 0; // stable order keeps rows from jumping
     });
+    this.matching = matching; // the current table, in order, for export
     const shown = matching.slice(0, MAX_ROWS);
     const keep = new Set();
     let prev = null;
@@ -131,7 +151,14 @@ export class ConnTable {
       if (!keep.has(id)) { row.tr.remove(); this.rows.delete(id); }
     }
     let open = 0;
-    for (const c of conns.values()) if (c.closedMs == null) open++;
+    const hosts = new Set();
+    for (const c of conns.values()) {
+      if (c.closedMs == null) open++;
+      if (c.host != null && hosts.size < 2) hosts.add(c.host);
+    }
+    // The host column only says something when the page holds connections of several hosts (fleet).
+    const many = hosts.size > 1 ? 'many' : 'one';
+    if (this.table.dataset.hosts !== many) this.table.dataset.hosts = many;
     const hidden = matching.length - shown.length;
     this.summary.textContent = `${matching.length} matching of ${conns.size} in page (${open} open, `
       + `${conns.size - open} closed)` + (hidden > 0 ? ` — showing the first ${shown.length}; `
@@ -163,16 +190,14 @@ export class ConnTable {
     set(row.cells.age, humanDuration(Number.isFinite(ms) ? Math.max(0, ms) : Date.now() - c.firstLocal));
     if (row.version !== c.version) {
       row.version = c.version;
-      set(row.cells.role, c.role ?? '?');
-      set(row.cells.local, endpoint(c.src_addr, c.src_port));
-      set(row.cells.remote, endpoint(c.dst_addr, c.dst_port));
-      set(row.cells.state, c.state ?? '?');
-      set(row.cells.pid, procLabel(c.pid, c.comm));
-      row.cells.pid.title = procLabel(c.pid, c.comm); // the cell may be truncated
-      set(row.cells.sent, String(c.bytes_sent));
-      set(row.cells.recv, String(c.bytes_received));
-      row.cells.sent.title = humanBytes(c.bytes_sent);
-      row.cells.recv.title = humanBytes(c.bytes_received);
+      for (const col of COLUMNS) {
+        if (!col.text) continue;
+        const td = row.cells[col.key];
+        const text = col.text(c);
+        set(td, text);
+        const tip = col.tip ? col.tip(c) : col.title ? text : null; // a cell may be cut with an ellipsis
+        if (tip != null && td.title !== tip) td.title = tip;
+      }
       row.cells.state.dataset.state = c.state ?? '';
     }
     if (row.closed !== closed) {

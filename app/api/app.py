@@ -11,15 +11,21 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
+from app import __version__
+from app.api.docs import add_offline_redoc, add_ws_to_openapi
 from app.api.frames import RawSendMiddleware
 from app.api.metrics import make_registry
-from app.api.routes import connections, events, status, web, ws
+from app.api.routes import connections, events, history, status, web, ws
 from app.api.security import Guard, load_token
 from app.config import Settings
 from app.service import Core, TracerFactory, default_tracer_factory
 
-DEFAULT_WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+_APP_DIR = Path(__file__).resolve().parents[1]
+# Installed from a wheel the dashboard is app/web (setup.py maps it there); in the source tree, web/ beside app/.
+DEFAULT_WEB_DIR = next((d for d in (_APP_DIR / "web", _APP_DIR.parent / "web") if (d / "index.html").is_file()),
+                       _APP_DIR.parent / "web")
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -58,8 +64,11 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
             await core.close_websockets(1001, timeout_s=1.0)   # serve's SIGTERM handler has done it already
             core.stop()
 
-    app = FastAPI(title="conn-tracer", version="0.1.0", lifespan=lifespan,
-                  description="Every TCP connection on this host, from eBPF: connections, events, stats.")
+    # FastAPIOffline: /docs loads Swagger UI from the installed fastapi-offline package (under
+    # /static-offline-docs), never from a CDN; /redoc likewise, through app/api/docs.py.
+    app = FastAPIOffline(title="conn-tracer", version=__version__, lifespan=lifespan, redoc_url=None,
+                         description="Every TCP connection on this host, from eBPF: connections, events, stats. "
+                                     "Live events: `WS /ws` (described under GET /ws).")
     app.state.core = core
     core.registry = make_registry(core)
     web_dir = settings.web_dir or DEFAULT_WEB_DIR
@@ -68,8 +77,10 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
     app.add_middleware(RawSendMiddleware)
     # Outermost: nothing reaches a route (or the dashboard) before Host, Origin and token are checked.
     app.add_middleware(Guard, settings=settings, token=token, index_html=web_dir / "index.html")
-    for r in (connections.router, events.router, status.router, ws.router, web.router):
+    for r in (connections.router, events.router, status.router, history.router, ws.router, web.router):
         app.include_router(r)
+    add_ws_to_openapi(app)
+    add_offline_redoc(app)
     if web_dir.is_dir():
         app.mount("/static", StaticFiles(directory=web_dir), name="static")
     return app

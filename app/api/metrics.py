@@ -1,15 +1,28 @@
-"""Prometheus collector reading the same counters as /stats, at scrape time."""
+"""Prometheus collectors: the /stats counters read at scrape time, plus process, platform and build info."""
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
+from functools import cache
+from importlib import metadata
 from typing import TYPE_CHECKING
 
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
     from app.service import Core
+
+
+@cache
+def version() -> str:
+    """The installed package's version ("unknown" when run from a tree that was never installed)."""
+    try:
+        return metadata.version("conn-tracer")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class CoreCollector(Collector):
@@ -30,6 +43,10 @@ class CoreCollector(Collector):
         lost.add_metric(["subscriber"], hub.dropped_subscribers)
         lost.add_metric(["decode"], core.decode_errors())
         yield lost
+        # seq only grows (it restarts with the process, which a counter's reset handling expects):
+        # a counter, exposed as conn_tracer_seq_total, so rate() works on it.
+        yield CounterMetricFamily("conn_tracer_seq", "Seq of the latest event (events numbered since start)",
+                                  value=hub.seq)
         yield CounterMetricFamily("conn_tracer_refused_subscribers",
                                   "WebSocket subscribers turned away at max_subscribers", value=hub.refused_subscribers)
         gauges = (
@@ -37,15 +54,29 @@ class CoreCollector(Collector):
             ("conn_tracer_connections_closed_kept", "Closed connections held in history", table.closed_count),
             ("conn_tracer_subscribers", "WebSocket subscribers connected", len(hub.subscribers)),
             ("conn_tracer_replay_events_held", "Events held in the replay buffer", hub.held),
-            ("conn_tracer_seq", "Seq of the latest event", hub.seq),
             ("conn_tracer_up", "1 while the tracer is attached and reading", int(core.healthy()[0])),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
 
 
+class BuildInfoCollector(Collector):
+    """conn_tracer_build_info{version, python}: constant 1, the usual way to chart versions across a fleet."""
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("conn_tracer_build_info", "conn-tracer version (value is always 1)",
+                                 labels=["version", "python"])
+        info.add_metric([version(), platform.python_version()], 1)
+        yield info
+
+
 def make_registry(core: Core) -> CollectorRegistry:
     """A registry per app (not the global one), so several apps can live in one process."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(CoreCollector(core))
+    reg.register(BuildInfoCollector())
+    # The standard process_* (CPU, RSS, fds, start time) and python_* (version, gc) families.
+    ProcessCollector(registry=reg)
+    PlatformCollector(registry=reg)
+    GCCollector(registry=reg)
     return reg

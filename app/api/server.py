@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -187,13 +188,47 @@ class _Server(uvicorn.Server):
             sys.stderr.flush()
 
 
+class BindError(OSError):
+    """The listening socket could not be had; the message is one line with the fix."""
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """Binds the API's socket before anything touches the kernel, so a taken port costs no BPF load."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(f"cannot bind {host}:{port}: {exc.strerror}; fix --host (CONN_TRACER_HOST)") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart despite TIME_WAIT
+        sock.bind(addr)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]" if ":" in host else host
+        if exc.errno == errno.EADDRINUSE:
+            raise BindError(f"port {port} on {shown} is already in use (another conn-tracer serve?); stop that "
+                            f"process or choose another port with --port N (CONN_TRACER_PORT)") from None
+        if exc.errno == errno.EACCES:
+            raise BindError(f"no permission to bind port {port} on {shown}; run as root or use a port "
+                            f"above 1023 (--port N)") from None
+        raise BindError(f"cannot bind {shown}:{port}: {exc.strerror}; fix --host/--port") from None
+    return sock
+
+
 def run(settings: Settings) -> int:
-    """Serves until SIGINT/SIGTERM; 0 after a clean stop, 1 if the tracer could not start."""
+    """Serves until SIGINT/SIGTERM; 0 after a clean stop, 1 if the port or the tracer could not be had."""
     logging.basicConfig(level=logging.WARNING, format="conn-tracer: %(levelname)s %(name)s: %(message)s")
     problem = startup_problem(settings)
     if problem is not None:
         sys.stderr.write(f"conn-tracer: {problem}\n")
         return 2
+    try:
+        sock = bind_listener(settings.host, settings.port)
+    except BindError as exc:
+        sys.stderr.write(f"conn-tracer: {exc}\n")
+        return 1
     app = create_app(settings)
     core: Core = app.state.core
     # No permessage-deflate: compressing every small event costs more CPU than it saves on loopback/LAN.
@@ -211,13 +246,14 @@ def run(settings: Settings) -> int:
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(limit)
     try:
-        asyncio.run(server.serve())
+        asyncio.run(server.serve(sockets=[sock]))
     except SystemExit as exc:
         # uvicorn exits with its own status (3) when the lifespan start-up fails; we report it.
         if core.start_error is None:
             return exc.code if isinstance(exc.code, int) else 1
     finally:
         core.stop()  # idempotent; covers a crash before the lifespan's own shutdown
+        sock.close()
     if core.start_error is not None:
         sys.stderr.write(f"conn-tracer: {core.start_error}\n")
         return 1

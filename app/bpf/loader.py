@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from app.bpf.btf import BtfError, tracer_defines
-from app.bpf.event import FRAME, RECORD, RING_HEADER_SIZE
+from app.bpf.event import (
+    EV_STATE_CHANGE,
+    FRAME,
+    RECORD,
+    RING_HEADER_SIZE,
+    ST_ESTABLISHED,
+    EventRecord,
+    make_record,
+)
+from app.bpf.pins import PinError, PinSet
 from app.config import Settings
 
 log = logging.getLogger(__name__)
@@ -339,6 +348,9 @@ class Tracer:
         self.max_batch_records = settings.read_batch_records
         self.compile_seconds = 0.0
         self.callback_errors = 0
+        self._pins: PinSet | None = None
+        # True when pinned maps from an earlier run were found: tracked_sockets() lists what they hold.
+        self.resumed = False
 
     @property
     def attach_mode(self) -> str:
@@ -364,10 +376,21 @@ class Tracer:
             def _trace_autoload(self) -> None:
                 pass
 
+        cflags = build_cflags(self.settings, self.report)
+        if self.settings.pin:
+            pins = PinSet(self.settings.instance, TRACER_C.read_text(), {"MAX_SOCKETS": self.settings.max_sockets})
+            try:
+                self.resumed = pins.prepare()
+            except (PinError, OSError) as exc:
+                pins.release()
+                raise TracerError(str(exc)) from exc
+            self._pins = pins
+            cflags += pins.cflags()
         t0 = time.perf_counter()
         try:
-            bpf = _ManualBPF(src_file=str(TRACER_C).encode(), cflags=build_cflags(self.settings, self.report))
+            bpf = _ManualBPF(src_file=str(TRACER_C).encode(), cflags=cflags)
         except Exception as exc:
+            self._release_pins()
             raise TracerError(f"bcc could not compile/load {TRACER_C.name}: {exc}; {SETUP_HINT}") from exc
         self.compile_seconds = time.perf_counter() - t0
         try:
@@ -379,6 +402,7 @@ class Tracer:
             self._ring = RingReader(bpf[b"events"].map_fd, self.settings.ringbuf_pages * mmap.PAGESIZE)
         except Exception as exc:
             bpf.cleanup()
+            self._release_pins()
             raise TracerError(f"attaching the tracer failed: {exc}") from exc
         self._bpf = bpf
         release_compiler_memory()
@@ -465,6 +489,52 @@ class Tracer:
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
             bpf.cleanup()
+        self._release_pins()
+
+    def _release_pins(self) -> None:
+        if self._pins is not None:
+            self._pins.release()
+            self._pins = None
+
+    def tracked_sockets(self) -> list[tuple[int, EventRecord]]:
+        """(map key, record) of each socket the kernel tracks whose tuple is known: after a restart with
+        pinned maps, the connections the previous run was following, as records of their last state."""
+        if self._bpf is None:
+            return []
+        now = time.monotonic_ns()
+        out = []
+        for key, si in self._bpf[b"sockets"].items():
+            if not si.sport:
+                continue   # a connect still waiting for its port: its next record lists it
+            out.append((int(key.value), make_record(
+                ts_ns=now, start_ns=si.start_ns, conn_id=si.conn_id, bytes_sent=si.last_tx,
+                bytes_received=si.last_rx, cgroup_id=si.cgroup_id, pid=si.pid, netns=si.netns,
+                connect_us=si.connect_us, saddr=bytes(si.saddr), daddr=bytes(si.daddr), sport=si.sport,
+                dport=si.dport, family=si.family, type=EV_STATE_CHANGE, role=si.role, state=ST_ESTABLISHED,
+                flags=si.flags, comm=bytes(si.comm))))
+        return out
+
+    def wall_offset(self, fresh_ns: int) -> int:
+        """The CLOCK_MONOTONIC -> UTC offset to use: the one an earlier run pinned, unless the clock has been
+        set since (more than a second apart); else `fresh_ns`, pinned for the next run."""
+        if self._bpf is None:
+            return fresh_ns
+        ids = self._bpf[b"ids"]
+        key = ids.Key(1)
+        stored = ctypes.c_int64(ids[key].value).value
+        if stored and abs(stored - fresh_ns) < 1_000_000_000:
+            return stored
+        ids[key] = ids.Leaf(fresh_ns)
+        return fresh_ns
+
+    def forget_sockets(self, keys: list[int]) -> None:
+        """Drops map entries of sockets that are gone (closed while no reader was attached)."""
+        if self._bpf is None:
+            return
+        table = self._bpf[b"sockets"]
+        for k in keys:
+            with contextlib.suppress(KeyError):
+                del table[table.Key(k)]
 
     def __enter__(self) -> Tracer:
         self.open()

@@ -114,7 +114,11 @@ struct sock_info {
     u8 role;
     u8 syn_pending;        // the syn_* event rides on the first record with a real tuple
     u8 flags;
-    u8 _pad;
+    u8 family;             // the tuple, kept from the first record that has it (sport != 0): a
+    u16 sport;             // restarted loader finds what it needs to list the connection
+    u16 dport;
+    u8 saddr[16];
+    u8 daddr[16];
     char comm[16];
 };
 
@@ -132,11 +136,22 @@ struct owner {
 };
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+// PIN_* (paths under bpffs, app/bpf/pins.py) make these outlive the loader: a restart
+// keeps tracking the same sockets and numbering connections where it stopped.
+#ifdef PIN_SOCKETS
+BPF_TABLE_PINNED("lru_hash", struct listener_key, struct owner, listeners, 4096, PIN_LISTENERS);
+BPF_TABLE_PINNED("lru_hash", u64, struct sock_info, sockets, MAX_SOCKETS, PIN_SOCKETS);
+BPF_TABLE_PINNED("array", int, u64, ids, 2, PIN_IDS);
+#else
 BPF_TABLE("lru_hash", struct listener_key, struct owner, listeners, 4096);
 BPF_TABLE("lru_hash", u64, struct sock_info, sockets, MAX_SOCKETS);
+BPF_ARRAY(ids, u64, 2);
+#endif
 
-// counters[CTR_NEXT_ID] next connection id, [CTR_LOST] records lost to a full ring buffer.
-#define CTR_NEXT_ID 0
+// ids[0]: the last connection number given; ids[1]: user space's CLOCK_MONOTONIC -> UTC offset,
+// kept so that a restarted loader shows the same started_at for the same connection.
+
+// counters[CTR_LOST]: records lost to a full ring buffer (this run's).
 #define CTR_LOST 1
 BPF_ARRAY(counters, u64, 2);
 
@@ -148,8 +163,8 @@ static __always_inline void count_lost(void) {
 }
 
 static __always_inline u64 next_conn_id(void) {
-    int k = CTR_NEXT_ID;
-    u64 *v = counters.lookup(&k);
+    int k = 0;
+    u64 *v = ids.lookup(&k);
     if (!v)
         return 0;
     return __sync_fetch_and_add(v, 1) + 1;
@@ -321,6 +336,13 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
     e->connect_us = si->connect_us;
     si->last_tx = e->bytes_sent;
     si->last_rx = e->bytes_received;
+    if (!si->sport && t.sport) {
+        si->family = t.family;
+        si->sport = t.sport;
+        si->dport = t.dport;
+        __builtin_memcpy(si->saddr, t.saddr, 16);
+        __builtin_memcpy(si->daddr, t.daddr, 16);
+    }
     __builtin_memcpy(e->saddr, t.saddr, 16);
     __builtin_memcpy(e->daddr, t.daddr, 16);
     e->sport = t.sport;
