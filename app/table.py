@@ -49,6 +49,7 @@ from app.bpf.event import (
 from app.cgroups import container_id
 from app.filters import Predicate
 from app.models import Connection, Texts, conn_id_number, conn_id_text
+from app.traffic import TrafficTotals
 
 ConnKey = tuple[int, int, bytes, int, bytes, int]
 """A socket's identity across sources: netns, family (4|6), local address and port, remote ones."""
@@ -114,6 +115,7 @@ class ConnectionTable:
         self.evicted_closed = 0
         self.evicted_open = 0
         # Final byte counters of every connection closed so far (for byte_totals(); once per close).
+        self.traffic = TrafficTotals()
         self.closed_bytes_sent = 0
         self.closed_bytes_received = 0
         # Key -> id of connections read from sock_diag at start-up, to drop such an entry if the
@@ -177,6 +179,7 @@ class ConnectionTable:
             self._add_closed(cid, c)
 
     def _add_closed(self, cid: int, c: ConnEntry) -> None:
+        self.traffic.on_close(c.rec)
         self.closed_bytes_sent += c.rec[BYTES_SENT]
         self.closed_bytes_received += c.rec[BYTES_RECEIVED]
         if self.max_closed <= 0:

@@ -9,8 +9,10 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from app.bpf.event import CLOSE_REASON_NAMES, ROLE_NAMES
 
 if TYPE_CHECKING:
     from app.service import Core
@@ -58,6 +60,42 @@ class CoreCollector(Collector):
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
+        yield from traffic_metrics(core)
+
+
+def traffic_metrics(core: Core) -> Iterator[Metric]:
+    """What the network did: connections opened/closed, bytes, retransmissions, connect latency and RTT."""
+    tr = core.table.traffic
+    counts = core.hub.counts
+    opened = CounterMetricFamily("conn_tracer_connections_opened", "Connections opened (syn_sent/syn_recv seen)",
+                                 labels=["role"])
+    opened.add_metric(["client"], counts.get("syn_sent", 0))
+    opened.add_metric(["server"], counts.get("syn_recv", 0))
+    yield opened
+    closed = CounterMetricFamily("conn_tracer_connections_closed", "Connections closed, by role and close reason",
+                                 labels=["role", "reason"])
+    for role in ROLE_NAMES:
+        for reason in CLOSE_REASON_NAMES.values():
+            closed.add_metric([role, reason], tr.closed.get((role, reason), 0))
+    yield closed
+    for name, doc, values in (
+        ("conn_tracer_bytes_sent", "Payload bytes sent by closed connections", tr.bytes_sent),
+        ("conn_tracer_bytes_received", "Payload bytes received by closed connections", tr.bytes_received),
+        ("conn_tracer_bytes_retransmitted", "Bytes retransmitted by closed connections", tr.bytes_retrans),
+        ("conn_tracer_retransmitted_segments", "Segments retransmitted by closed connections", tr.retrans_segs),
+    ):
+        fam = CounterMetricFamily(name, doc, labels=["role"])
+        for role, v in values.items():
+            fam.add_metric([role], v)
+        yield fam
+    for name, doc, hists in (
+        ("conn_tracer_connect_duration_seconds", "SYN to ESTABLISHED of closed connections", tr.connect),
+        ("conn_tracer_rtt_seconds", "Smoothed RTT of closed connections at close", tr.rtt),
+    ):
+        hf = HistogramMetricFamily(name, doc, labels=["role"])
+        for role, h in hists.items():
+            hf.add_metric([role], h.cumulative(), h.sum_us / 1e6)
+        yield hf
 
 
 class BuildInfoCollector(Collector):
