@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -390,3 +391,37 @@ def _loads(page: Any, url: str) -> bool:
     except Exception:   # the tiny server may not listen yet
         return False
     return True
+
+
+@pytest.mark.bpf
+def test_token_on_loopback_observe_and_ws(tmp_path: Path) -> None:
+    """The way to close loopback to other local users: a token there too; `observe` and WebSockets carry it."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from tests.test_ws_hostile import start
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    svc = start(tmp_path / "serve.log", "--token-file", str(token_file))
+    try:
+        assert svc.get("/connections").status_code == 401
+        env = {k: v for k, v in os.environ.items() if k != "CONN_TRACER_TOKEN"}
+        url = f"http://127.0.0.1:{svc.port}"
+        denied = subprocess.run([str(CONN_TRACER), "observe", "--url", url, "--last", "1"], capture_output=True,
+                                text=True, timeout=30, env=env)
+        assert denied.returncode != 0 and "401" in denied.stderr, denied
+        ok = subprocess.run([str(CONN_TRACER), "observe", "--url", url, "--last", "1", "-o", "json",
+                             "--token-file", str(token_file)], capture_output=True, text=True, timeout=30, env=env)
+        assert ok.returncode == 0, ok.stderr
+        # A few events (the connections to the service itself): a client that stops reading a long
+        # backlog takes its close_timeout (10 s) to close.
+        ws_url = f"ws://127.0.0.1:{svc.port}/ws?after=0&type=syn_sent&port={svc.port}"
+        with pytest.raises(InvalidStatus) as ei, connect(ws_url, open_timeout=10):
+            pass
+        assert ei.value.response.status_code == 401
+        with connect(ws_url, additional_headers={"Authorization": f"Bearer {TOKEN}"}, open_timeout=10) as ws:
+            assert "seq" in json.loads(ws.recv(timeout=10))
+    finally:
+        assert svc.stop() == 0

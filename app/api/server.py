@@ -34,20 +34,22 @@ CLOSE_TIMEOUT_S = 2.0   # a client that does not answer our close frame is cut o
 # request on an open connection waited for it). The kernel queue itself is settings.listen_backlog.
 ACCEPT_BATCH = 64
 WRITE_BUFFER_HIGH = 32 * 1024
+PONG_FIN = b"\x8a"   # first byte of an unfragmented pong frame (FIN + opcode 0xA)
 
 
 class WSProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol, with memory bounded for clients that do not read.
 
-    uvicorn answers pings and keeps reading however full its write buffer is (a ping flood from a
-    client that never reads grew it by 120 MB per million pings), and closes a connection by
-    waiting for that buffer to drain, which never happens if the client does not read.
+    uvicorn queues a pong per ping however full its write buffer is (a ping flood from a client
+    that never reads grew it by 120 MB per million pings), and closes a connection by waiting for
+    that buffer to drain, which never happens if the client does not read.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.close_timeout = CLOSE_TIMEOUT_S
         self._write_paused = False
+        self._owed_pong: bytes | None = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -62,20 +64,28 @@ class WSProtocol(WebSocketsSansIOProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         self._write_paused = True
-        # Read nothing more (no pongs to queue) until the buffer drains: the client's own socket fills up instead.
-        self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._write_paused = False
-        if not self.read_paused:
-            self.transport.resume_reading()
+        if self._owed_pong is not None:
+            pong, self._owed_pong = self._owed_pong, None
+            self.transport.write(pong)
 
-    async def receive(self) -> Any:
-        message = await super().receive()
-        if self._write_paused:
-            self.transport.pause_reading()   # uvicorn resumed reading for the app's sake; not yet
-        return message
+    def handle_ping(self) -> None:
+        # We keep reading (so a client's close frame is seen however full our buffer is), but while
+        # the buffer is full only the pong to the latest ping is kept, sent once there is room:
+        # RFC 6455 5.5.3 allows answering only the most recent ping.
+        output = self.conn.data_to_send()
+        if not self._write_paused:
+            self.transport.write(b"".join(output))
+            return
+        pongs = [frame for frame in output if frame[:1] == PONG_FIN]
+        if pongs:
+            self._owed_pong = pongs[-1]
+        others = [frame for frame in output if frame[:1] != PONG_FIN]
+        if others:
+            self.transport.write(b"".join(others))
 
     async def send(self, message: Any) -> None:
         await super().send(message)
