@@ -141,15 +141,17 @@ def test_ws_foreign_origin_closed_1008_own_origin_served(client: TestClient) -> 
 
 
 def test_token_required_everywhere_but_healthz_and_static(authed: TestClient) -> None:
-    for path in ("/", "/connections", "/events", "/stats", "/metrics", "/docs", "/openapi.json"):
+    assert authed.get("/connections/c1").status_code == 401
+    for path in ("/", "/connections", "/events", "/stats", "/metrics", "/history"):
         r = authed.get(path)
         assert r.status_code == 401, path
         assert r.headers["www-authenticate"].startswith("Bearer")
         assert authed.get(path, headers={"authorization": "Bearer wrong-" + TOKEN}).status_code == 401, path
         assert authed.get(path, headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200, path
         assert authed.get(path, params={"token": TOKEN}).status_code == 200, path
-    assert authed.get("/healthz").status_code == 200
-    assert authed.get("/static/app.js").status_code == 200   # public code, no data
+    # Liveness and public code/schema only: the docs must load without a token to be usable.
+    for path in ("/healthz", "/static/app.js", "/docs", "/redoc", "/openapi.json"):
+        assert authed.get(path).status_code == 200, path
 
 
 def test_ws_token_and_token_kept_out_of_stats(authed: TestClient) -> None:

@@ -6,7 +6,8 @@ follow the same rules:
   address, or a configured name: a DNS-rebinding page (its own name resolving to us) gets 421.
 - A WebSocket `Origin`, when sent (browsers always send it), must be the page's own origin or a
   configured one: another site's page is accepted and at once closed with 1008.
-- With a token configured, every request but /healthz and /static/ (public code) carries it as
+- With a token configured, every request but /healthz and the public code and schema (the dashboard's
+  files, the API docs pages and /openapi.json) carries it as
   `Authorization: Bearer T` or `?token=T` (compared in constant time); else 401. The `token`
   query parameter is removed before the routes see it, so it never shows up in /stats.
 - Every HTTP answer carries CSP (no inline script but the dashboard's own, by hash), frame and
@@ -38,9 +39,11 @@ POLICY_VIOLATION = 1008
 MIN_TOKEN_CHARS = 16
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})
-PUBLIC_PATHS = ("/healthz",)
-PUBLIC_PREFIXES = ("/static/",)
 DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
+# No host data behind these: liveness, and code and schema that are public anyway (the docs pages
+# must load their own files and /openapi.json without a token to be usable at all).
+PUBLIC_PATHS = ("/healthz", "/openapi.json", *DOCS_PATHS)
+PUBLIC_PREFIXES = ("/static/", "/static-offline-docs")   # also /static-offline-docs-redoc.js
 INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.S | re.I)
 
 
