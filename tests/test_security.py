@@ -427,3 +427,36 @@ def test_token_on_loopback_observe_and_ws(tmp_path: Path) -> None:
             assert "seq" in json.loads(ws.recv(timeout=10))
     finally:
         assert svc.stop() == 0
+
+
+@pytest.mark.bpf
+@pytest.mark.browser
+def test_dashboard_opened_with_token_passes_it_on(tmp_path: Path) -> None:
+    """Chromium opens /?token=T on a service that wants a token: the page's API calls and its
+    WebSocket carry it (live stream, counters filled, no 401 anywhere); without it the page is 401."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from tests.test_web import CHROMIUM, CHROMIUM_ARGS
+    from tests.test_ws_hostile import start
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")
+    svc = start(tmp_path / "serve.log", env={"CONN_TRACER_TOKEN": TOKEN})
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                statuses: list[tuple[int, str]] = []
+                page.on("response", lambda r: statuses.append((r.status, r.url)))
+                resp = page.goto(f"http://127.0.0.1:{svc.port}/")
+                assert resp is not None and resp.status == 401
+                page.goto(f"http://127.0.0.1:{svc.port}/?token={TOKEN}")
+                sync_api.expect(page.locator("#ws-status")).to_have_text("live", timeout=10_000)
+                sync_api.expect(page.locator("#attach-mode")).not_to_have_text("–", timeout=10_000)
+                denied = [(s, u) for s, u in statuses[1:] if s == 401]
+                assert not denied, denied
+                assert any("/connections" in u and s == 200 for s, u in statuses), statuses
+            finally:
+                browser.close()
+    finally:
+        assert svc.stop() == 0
