@@ -403,7 +403,10 @@ static PyObject *steady_json(PyObject *rec, PyObject *tail_fn) {
         return NULL;
     }
     PyObject *out = NULL;
-    if (PUT_LIT(&b, "\"conn_id\":\"c") || buf_u64(&b, conn) || PUT_LIT(&b, "\",\"family\":\"") ||
+    // Ids from 2**63 up are sockets found at start-up: p<cookie> (app/bpf/event.py PREEXISTING_ID).
+    int pre = conn >= (1ULL << 63);
+    if ((pre ? PUT_LIT(&b, "\"conn_id\":\"p") : PUT_LIT(&b, "\"conn_id\":\"c")) ||
+        buf_u64(&b, pre ? conn - (1ULL << 63) : conn) || PUT_LIT(&b, "\",\"family\":\"") ||
         buf_str(&b, fam) || PUT_LIT(&b, "\",\"role\":\"") || buf_str(&b, role) || PUT_LIT(&b, "\",\"src_addr\":\"") ||
         buf_addr(&b, FIELD(rec, F_SADDR), family) || PUT_LIT(&b, "\",\"src_port\":") || buf_i64(&b, sport) ||
         PUT_LIT(&b, ",\"dst_addr\":\"") || buf_addr(&b, FIELD(rec, F_DADDR), family) ||

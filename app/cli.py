@@ -80,6 +80,17 @@ def _add_kernel_options(p: argparse.ArgumentParser) -> None:
                    help="also emit a state_change event for every other TCP state change")
 
 
+def _add_nats(p: argparse.ArgumentParser, url_help: str) -> None:
+    p.add_argument("--nats", dest="nats_url", metavar="URL", help=url_help)
+    p.add_argument("--nats-subject-prefix", metavar="PREFIX",
+                   help="subjects are PREFIX.<host>.events (default conntracer)")
+    p.add_argument("--nats-stream", metavar="NAME", help="JetStream stream, created if missing (default CONNTRACER)")
+    p.add_argument("--nats-creds", dest="nats_creds_file", metavar="PATH", help="NATS credentials file (.creds)")
+    p.add_argument("--nats-tls-ca", metavar="PATH", help="CA certificate for NATS over TLS")
+    p.add_argument("--nats-tls-cert", metavar="PATH", help="client certificate for NATS over TLS")
+    p.add_argument("--nats-tls-key", metavar="PATH", help="client key for NATS over TLS")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conn-tracer", description="Watch every TCP connection with eBPF.")
     parser.add_argument("--version", action="version", version=f"conn-tracer {__version__}")
@@ -100,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--replay-events", type=int, metavar="N", help="events kept for /events and WebSocket resume")
     serve.add_argument("--subscriber-queue-events", type=int, metavar="N",
                        help="how far a WebSocket subscriber may fall behind before it loses events")
-    serve.add_argument("--instance", help="name of this agent's pinned state under /sys/fs/bpf/conn-tracer/")
+    serve.add_argument("--instance", help="name of this agent's pinned state under /sys/fs/bpf/conn-tracer/ "
+                                          "(default: default, or nothing pinned if another agent holds it)")
     serve.add_argument("--no-pin", dest="pin", action="store_false", default=None,
                        help="do not pin the socket map: a restart forgets the connections being tracked")
     serve.add_argument("--host-name", metavar="NAME", help="this agent's name on every event (default: the hostname)")
@@ -118,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", type=Path, metavar="PATH", help="serve HTTPS with this certificate (PEM)")
     serve.add_argument("--tls-key", type=Path, metavar="PATH", help="the certificate's private key (PEM)")
     _add_config(serve)
+    _add_nats(serve, "export every event to NATS JetStream at this URL, e.g. nats://HOST:4222")
+    serve.add_argument("--nats-buffer-events", type=int, metavar="N",
+                       help="events held while NATS is unreachable; beyond, new ones are dropped and counted")
+
+    fleet = sub.add_parser("fleet", help="serve the API and dashboard over every host exporting to NATS",
+                           description="Read what the agents export to NATS JetStream; serve the same REST API, "
+                                       "WebSocket and dashboard over all of them (no BPF, no root).")
+    fleet.add_argument("--host", help="bind address (default 127.0.0.1)")
+    fleet.add_argument("--port", type=_bind_port, help="bind port (default 8000; 0 = any free port)")
+    _add_nats(fleet, "the NATS server the agents export to, e.g. nats://HOST:4222")
+    fleet.add_argument("--durable", dest="fleet_durable", metavar="NAME",
+                       help="name of this fleet view's JetStream consumer (default conntracer-fleet)")
+    fleet.add_argument("--max-closed-connections", type=int, metavar="N", help="closed connections kept in the table")
+    fleet.add_argument("--replay-events", type=int, metavar="N", help="events kept for /events and WebSocket resume")
+    _add_config(fleet)
 
     trace = sub.add_parser(
         "trace", help="print events to stdout, one line each (needs root)",
@@ -139,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cleanup = sub.add_parser("cleanup", help="remove the pinned maps an instance left under /sys/fs/bpf")
     cleanup.add_argument("--instance", default="default", help="which instance (default: default)")
+    cleanup.add_argument("--all", action="store_true", help="every instance")
 
     check = sub.add_parser("check", help="say what this host supports and which attach mode will be used")
     _add_config(check)
@@ -236,18 +264,21 @@ def cmd_check(settings: Settings) -> int:
     return 1
 
 
-def cmd_cleanup(instance: str) -> int:
-    from app.bpf.pins import PinError, remove
+def cmd_cleanup(instance: str, every: bool) -> int:
+    from app.bpf.pins import PIN_ROOT, PinError, remove
 
+    names = sorted(p.name for p in PIN_ROOT.iterdir()) if every and PIN_ROOT.is_dir() else [instance]
+    removed = []
     try:
-        removed = remove(instance)
+        for name in names:
+            removed += remove(name)
     except (PinError, OSError) as exc:
         print(f"conn-tracer: cleanup: {exc}", file=sys.stderr)
         return 1
     for path in removed:
         print(f"removed {path}")
     if not removed:
-        print(f"nothing pinned for instance {instance!r}")
+        print("nothing pinned" if every else f"nothing pinned for instance {instance!r}")
     return 0
 
 
@@ -433,7 +464,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check(settings)
         if args.command == "cleanup":
-            return cmd_cleanup(args.instance)
+            return cmd_cleanup(args.instance, args.all)
+        if args.command == "fleet":
+            if not settings.nats_url:
+                print("conn-tracer: fleet needs --nats nats://HOST:4222 (or CONN_TRACER_NATS_URL)", file=sys.stderr)
+                return 2
+            from app.api.server import run
+            from app.fleet import FleetCore
+
+            return run(settings, FleetCore(settings))
         if args.command == "trace":
             return asyncio.run(_trace(settings, args))
         from app.api.server import run

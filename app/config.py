@@ -79,7 +79,9 @@ class Settings(BaseSettings):
 
     # Restart continuity: the socket map and id counter pinned under /sys/fs/bpf/conn-tracer/<instance>/.
     pin: bool = True
-    instance: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # None: "default", and if another running agent holds it this one runs unpinned (with a warning)
+    # rather than not at all; a name given explicitly must be free.
+    instance: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
     # User side bounds.
     max_closed_connections: int = Field(10_000, ge=0, le=10_000_000)
@@ -90,9 +92,12 @@ class Settings(BaseSettings):
     max_open_connections: int = Field(262_144, ge=1, le=16_777_216,
                                       description="bounds the table if close events are lost")
 
-    # Connections open before start-up, from sock_diag; polled to notice them closing (0 = never).
+    # Connections open before start-up, from sock_diag (every network namespace).
     preexisting: bool = True
-    preexisting_refresh_s: float = Field(5.0, ge=0, le=3600)
+    # How often the table is compared with the kernel's sockets (sock_diag, every namespace): it ends
+    # connections whose close was lost (absent from two sweeps in a row), corrects states (e.g.
+    # CLOSE_WAIT, which emits no event) and refreshes preexisting ones. 0 = never.
+    sweep_interval_s: float = Field(2.0, ge=0, le=3600)
 
     # Reading the ring buffer. The kernel wakes the reader for the first record after
     # wakeup_interval_us without a wake-up (wakeup_busy_interval_us while many records flow),
@@ -135,6 +140,26 @@ class Settings(BaseSettings):
         if v & (v - 1):
             raise ValueError(f"must be a power of two, got {v}")
         return v
+
+    # Export to NATS JetStream (serve --nats) and the fleet view that reads it (conn-tracer fleet).
+    nats_url: str | None = Field(None, description="nats://HOST:4222 (comma-separated for a cluster); None = off")
+    nats_subject_prefix: str = Field("conntracer", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+                                     description="subjects are <prefix>.<host>.events")
+    nats_stream: str = Field("CONNTRACER", pattern=r"^[A-Za-z0-9_-]+$", description="created if missing")
+    nats_creds_file: Path | None = Field(None, description="NATS user credentials (.creds: JWT and NKey seed)")
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    # Bounds of the stream, applied when it is created (file storage): whichever is reached first.
+    nats_stream_max_age_s: float = Field(86_400.0, gt=0)
+    nats_stream_max_bytes: int = Field(1 << 30, ge=1 << 20)
+    # Events waiting for JetStream's acknowledgement (NATS slow or away); beyond it new events are
+    # dropped and counted (loss source "export").
+    nats_buffer_events: int = Field(100_000, ge=1)
+    nats_batch_events: int = Field(1000, ge=1, le=100_000, description="events per message at most")
+    nats_ack_timeout_s: float = Field(2.0, gt=0, le=60)
+    # The fleet view's consumer of the stream (one fleet view per name).
+    fleet_durable: str = Field("conntracer-fleet", pattern=r"^[A-Za-z0-9_-]+$")
 
     def filter_netns_inode(self) -> int:
         """filter_netns as an inode number (0 = no filter); a path is resolved now."""

@@ -17,6 +17,7 @@ from app.bpf.event import (
     FAMILY,
     FAMILY_NUMBERS,
     PID,
+    RECORD_FIELDS,
     ROLE,
     ROLE_NUMBERS,
     SPORT,
@@ -26,6 +27,10 @@ from app.bpf.event import (
 from app.models import EVENT_TYPES
 
 Predicate = Callable[[EventRecord], bool]
+
+# Records of a fleet view (app/fleet.py) carry the host name after the kernel's fields; an
+# agent's records have one host, which its service checks before any record (Core.predicate).
+FLEET_HOST = len(RECORD_FIELDS)
 
 FAMILIES = ("ipv4", "ipv6")
 # The CLI's `--family 4|6` spelling, accepted everywhere a family is.
@@ -60,6 +65,10 @@ def role_is(role: str) -> Predicate:
     return lambda r: r[ROLE] == n
 
 
+def host_is(host: str) -> Predicate:
+    return lambda r: len(r) > FLEET_HOST and r[FLEET_HOST] == host
+
+
 def type_in(types: Iterable[str]) -> Predicate:
     wanted = frozenset(EVENT_TYPE_NUMBERS[t] for t in types)
     return lambda r: r[TYPE] in wanted
@@ -84,9 +93,12 @@ class Filter:
     family: str | None = None
     role: str | None = None
     types: frozenset[str] | None = None
+    host: str | None = None
 
     def predicate(self) -> Predicate | None:
         preds: list[Predicate] = []
+        if self.host is not None:
+            preds.append(host_is(self.host))
         if self.port is not None:
             preds.append(port_is(self.port))
         if self.pid is not None:
@@ -130,7 +142,7 @@ def parse_batch(params: dict[str, str]) -> int:
 
 def parse_filter(params: dict[str, str]) -> tuple[Filter, int | None]:
     """Validates raw query parameters (WebSocket); returns the filter and `after`. Raises FilterError."""
-    known = {"port", "pid", "family", "role", "type", "after"}
+    known = {"port", "pid", "family", "role", "type", "after", "host"}
     for k in params:
         if k not in known:
             raise FilterError(k, f"unknown parameter; expected one of {', '.join(sorted(known))}")
@@ -149,4 +161,11 @@ def parse_filter(params: dict[str, str]) -> tuple[Filter, int | None]:
             _choice("type", t, EVENT_TYPES)
         types = frozenset(parts)
     after = _int("after", params["after"], 0, 2**63 - 1) if "after" in params else None
-    return Filter(port, pid, family, role, types), after
+    host = _host(params["host"]) if "host" in params else None
+    return Filter(port, pid, family, role, types, host), after
+
+
+def _host(raw: str) -> str:
+    if not 1 <= len(raw) <= 253:
+        raise FilterError("host", f"{raw!r} is not a host name (1 to 253 characters)")
+    return raw

@@ -29,6 +29,7 @@ from app.bpf.event import (
     FAMILY_NAMES,
     NETNS,
     PID,
+    PREEXISTING_ID,
     RETRANS_SEGS,
     ROLE,
     ROLE_NAMES,
@@ -155,7 +156,7 @@ def rtt_fields(rec: EventRecord) -> dict[str, int | None]:
 
 def conn_id_text(conn_id: int) -> str:
     """The public id of a connection: c<n> as numbered by the kernel, p<n> for one found at start-up."""
-    return f"c{conn_id}" if conn_id >= 0 else f"p{-conn_id}"
+    return f"c{conn_id}" if conn_id < PREEXISTING_ID else f"p{conn_id - PREEXISTING_ID}"
 
 
 def conn_id_number(text: str) -> int | None:
@@ -163,7 +164,9 @@ def conn_id_number(text: str) -> int | None:
     if len(text) < 2 or text[0] not in "cp" or not text[1:].isdigit() or len(text) > 21:
         return None
     n = int(text[1:])
-    return n if text[0] == "c" else -n
+    if n >= PREEXISTING_ID:
+        return None
+    return n if text[0] == "c" else PREEXISTING_ID + n
 
 
 class Texts:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from app.bpf.event import ROLE_CLIENT, ROLE_SERVER, EventRecord, make_record
+from app.bpf.event import PREEXISTING_ID, ROLE_CLIENT, ROLE_SERVER, EventRecord, make_record
 
 log = logging.getLogger(__name__)
 
@@ -569,7 +569,9 @@ def _comm16(comm: str) -> bytes:
 
 def preexisting(socks: list[DiagSocket], owners: dict[int, tuple[int, str]] | None = None,
                 start: int = 1) -> list[EventRecord]:
-    """Records (ids "p<n>": conn_id -n) for every connection socket: not LISTEN, TIME_WAIT or a request."""
+    """Records for every connection socket (not LISTEN, TIME_WAIT or a request). Ids "p<cookie>"
+    (PREEXISTING_ID + cookie): the kernel's socket cookie is fixed for a socket's life, so a restart gives
+    it the same id; "p<n>", n counted from `start`, only where no cookie was read."""
     owners = owners if owners is not None else {}
     if any(d.role is None for d in socks):
         assign_roles(socks)
@@ -584,8 +586,9 @@ def preexisting(socks: list[DiagSocket], owners: dict[int, tuple[int, str]] | No
         pid, comm = owners.get(d.inode, (0, "")) if d.inode else (0, "")
         role = d.role if d.role is not None else ROLE_CLIENT
         out.append(make_record(
-            ts_ns=now_ns, start_ns=now_ns, conn_id=-n, bytes_sent=d.bytes_sent, bytes_received=d.bytes_received,
-            pid=pid, netns=d.netns or here, saddr=_addr16(d.family, d.src_addr), daddr=_addr16(d.family, d.dst_addr),
+            ts_ns=now_ns, start_ns=now_ns, conn_id=PREEXISTING_ID + (d.cookie or n), bytes_sent=d.bytes_sent,
+            bytes_received=d.bytes_received,
+            pid=pid, netns=d.netns or here, saddr=addr16(d.family, d.src_addr), daddr=addr16(d.family, d.dst_addr),
             sport=d.src_port, dport=d.dst_port, family=4 if v4 else 6, role=role, state=d.state,
             comm=_comm16(comm), bytes_retrans=d.bytes_retrans, cgroup_id=d.cgroup_id, srtt_us=d.rtt_us,
             rttvar_us=d.rttvar_us, retrans_segs=d.total_retrans))
@@ -593,6 +596,6 @@ def preexisting(socks: list[DiagSocket], owners: dict[int, tuple[int, str]] | No
     return out
 
 
-def _addr16(family: int, text: str) -> bytes:
+def addr16(family: int, text: str) -> bytes:
     """An address as event records hold it: 16 bytes, IPv4 in the first 4."""
     return socket.inet_pton(family, text).ljust(16, b"\0")

@@ -24,6 +24,7 @@ from app.bpf.event import (
     COMM,
     CONN_ID,
     CONNECT_US,
+    CR_UNKNOWN,
     DADDR,
     DPORT,
     EV_CLOSE,
@@ -62,7 +63,7 @@ def conn_key(rec: EventRecord) -> ConnKey:
 class ConnEntry:
     """One connection: its latest record, plus what records alone do not say."""
 
-    __slots__ = ("rec", "events", "pid", "comm", "close_ns", "preexisting")
+    __slots__ = ("rec", "events", "pid", "comm", "close_ns", "preexisting", "missing")
 
     def __init__(self, rec: EventRecord, preexisting: bool = False) -> None:
         self.rec = rec
@@ -72,6 +73,7 @@ class ConnEntry:
         self.comm: bytes = rec[COMM]
         self.close_ns = 0
         self.preexisting = preexisting
+        self.missing = 0   # sweeps in a row that did not find this socket in the kernel
 
     def to_model(self, now_ns: int, texts: Texts) -> Connection:
         """The public shape; duration runs to now while open."""
@@ -220,50 +222,66 @@ class ConnectionTable:
             n += 1
         return n
 
-    def refresh_preexisting(self, alive: dict[ConnKey, EventRecord]) -> int:
-        """Updates preexisting connections from a fresh dump (by key); closes the gone ones."""
-        gone: set[int] = set()
-        for key, cid in list(self._pre_keys.items()):
-            c = self._open.get(cid)
-            if c is None:
-                del self._pre_keys[key]
-                continue
-            fresh = alive.get(key)
-            if fresh is None:
-                gone.add(cid)
-                del self._pre_keys[key]
-                continue
-            old = c.rec
-            if (fresh[BYTES_SENT], fresh[BYTES_RECEIVED], fresh[STATE]) != (old[BYTES_SENT], old[BYTES_RECEIVED],
-                                                                            old[STATE]):
-                # Keep the entry's id and start; take the counters, state and time from the dump.
-                c.rec = (fresh[TS_NS], old[START_NS], cid, *fresh[BYTES_SENT:PID], old[PID], *fresh[PID + 1:])
-                if fresh[PID]:
-                    c.pid, c.comm = fresh[PID], fresh[COMM]
-                self._open.move_to_end(cid)
-        return self.close_preexisting(gone)
-
-    def close_preexisting(self, ids: set[int]) -> int:
-        """Marks these preexisting connections closed (gone from sock_diag); returns how many."""
-        now_ns = time.monotonic_ns()
-        n = 0
-        for cid in ids:
-            c = self._open.get(cid)
-            if c is None or not c.preexisting:
-                continue
-            del self._open[cid]
-            c.rec = (now_ns, *c.rec[START_NS:STATE], ST_CLOSE, *c.rec[STATE + 1:])
-            c.close_ns = now_ns
-            self._add_closed(cid, c)
-            n += 1
-        return n
-
     def byte_totals(self) -> tuple[int, int]:
         """Payload bytes sent and received over every connection in the table's life (open ones as of now)."""
         # Once a second, from History: ~13 ms per 100,000 open connections here (most of it memory reads).
         recs = list(map(_rec_of, self._open.values()))
         return (self.closed_bytes_sent + sum(map(_sent_of, recs)),
                 self.closed_bytes_received + sum(map(_received_of, recs)))
+
+    def converge(self, kernel: dict[ConnKey, EventRecord], unreadable_netns: set[int], before_ns: int,
+                 now_ns: int, tracked: Iterable[EventRecord] = ()) -> list[EventRecord]:
+        """Brings open connections in line with a sweep of the kernel's sockets (`kernel`, by key): states and
+        counters that moved without an event are taken from it.
+
+        `tracked` are the sockets the tracer's own map holds (with their ids): one the table lacks (all
+        its records lost) and the sweep found is added, in the state the sweep saw.
+        A connection the sweep did not find twice in a row (and that began before the sweep, in a
+        namespace it could read) is over although its close never arrived (a full ring): the returned
+        close records (reason unknown) end it, for the caller to publish. States the kernel reports
+        differently are corrected in place (no event: transitions such as CLOSE_WAIT emit none).
+        Preexisting connections also take the sweep's counters.
+        """
+        closes = []
+        op = self._open
+        for rec in tracked:
+            if rec[CONN_ID] not in op and rec[CONN_ID] not in self._closed:
+                k = kernel.get(conn_key(rec))
+                if k is not None:
+                    c = op[rec[CONN_ID]] = ConnEntry(replaced(rec, {STATE: k[STATE]}))
+                    c.events = 0
+        for c in list(op.values()):
+            r = c.rec
+            if r[NETNS] in unreadable_netns or r[START_NS] >= before_ns:
+                continue
+            k = kernel.get(conn_key(r))
+            if k is None:
+                c.missing += 1
+                if c.missing >= 2:
+                    if c.preexisting:
+                        self._pre_keys.pop(conn_key(r), None)
+                    closes.append(replaced(r, {TS_NS: now_ns, TYPE: EV_CLOSE, STATE: ST_CLOSE,
+                                               CLOSE_REASON: CR_UNKNOWN}))
+                continue
+            c.missing = 0
+            if c.preexisting:
+                c.rec = replaced(r, {i: k[i] for i in (TS_NS, BYTES_SENT, BYTES_RECEIVED, BYTES_RETRANS, SRTT_US,
+                                                        RTTVAR_US, RETRANS_SEGS, STATE)})
+            else:
+                # The kernel coalesces data events, so a connection that went quiet right after
+                # moving data shows its last bytes only here; states such as CLOSE_WAIT emit nothing.
+                fresh = {i: k[i] for i in (BYTES_SENT, BYTES_RECEIVED, BYTES_RETRANS, RETRANS_SEGS) if k[i] > r[i]}
+                if k[STATE] != r[STATE]:
+                    fresh[STATE] = k[STATE]
+                if fresh:
+                    if k[SRTT_US]:
+                        fresh.update({SRTT_US: k[SRTT_US], RTTVAR_US: k[RTTVAR_US]})
+                    c.rec = replaced(r, fresh)
+        return closes
+
+    def knows(self, conn_id: int) -> bool:
+        """Whether a connection with this kernel number is open or in the closed history."""
+        return conn_id in self._open or conn_id in self._closed
 
     @property
     def preexisting_count(self) -> int:
@@ -311,6 +329,14 @@ class ConnectionTable:
 _rec_of = attrgetter("rec")
 _sent_of = itemgetter(BYTES_SENT)
 _received_of = itemgetter(BYTES_RECEIVED)
+
+
+def replaced(rec: EventRecord, values: dict[int, Any]) -> EventRecord:
+    """`rec` with the fields at these positions replaced."""
+    out = list(rec)
+    for i, v in values.items():
+        out[i] = v
+    return tuple(out)
 
 
 def _last_ns(c: ConnEntry) -> Any:

@@ -24,6 +24,8 @@ pkgs+=(gcc python3-dev)
 [ -e "$build" ] || pkgs+=(linux-headers-amd64)
 if [ "$want_test" -eq 1 ]; then
     pkgs+=(chromium bpfcc-tools iperf3 procps nftables)
+    # The fleet tests start a real NATS JetStream server (nats-server -js) of their own.
+    pkgs+=(nats-server)
 fi
 
 missing=()

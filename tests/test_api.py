@@ -68,6 +68,15 @@ class FakeSource:
     def wall_offset(self, fresh_ns: int) -> int:
         return fresh_ns
 
+    def pending_connects(self, older_than_ns: int) -> list[object]:
+        return []
+
+    def offer_adoption(self, recs: list[tuple[object, ...]]) -> None:
+        pass
+
+    def recursion_misses(self) -> int:
+        return 0
+
     def lost_kernel(self) -> int:
         return self.lost
 

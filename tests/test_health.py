@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -288,3 +289,95 @@ def test_container_id_is_read_off_the_path() -> None:
     assert container_id(f"/system.slice/docker-{cid}.scope") == cid
     assert container_id(f"/kubepods/burstable/pod1/{cid}") == cid
     assert container_id("/system.slice/nginx.service") is None
+
+
+def test_pending_connect_is_listed_within_a_second_then_times_out(net: VethPair, tmp_path: Path) -> None:
+    from tests.test_serve import start_service, wait_for
+
+    table = f"ct{secrets.token_hex(3)}"
+    nft = (f"add table inet {table}\n"
+           f"add chain inet {table} in {{ type filter hook input priority 0; }}\n"
+           f"add rule inet {table} in tcp dport 19 tcp flags syn drop\n")
+    subprocess.run(["ip", "netns", "exec", net.ns_b, "nft", "-f", "-"], input=nft, text=True, check=True)
+    subprocess.run(["ip", "netns", "exec", net.ns_a, "sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"], check=True)
+    svc = start_service(tmp_path / "serve.log")
+    try:
+        code = (
+            "import socket, select, sys, time\n"
+            "s = socket.socket(socket.AF_INET6); s.setblocking(False)\n"
+            f"s.connect_ex(({net.addr_b6!r}, 19))\n"
+            "print(s.getsockname()[1], flush=True)\n"
+            "select.select([], [s], [], 10)\n"
+            "print(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), flush=True)\n"
+        )
+        p = net.run_in(net.ns_a, [sys.executable, "-c", code])
+        cport = int(p.stdout.readline())  # type: ignore[union-attr]
+        t0 = time.monotonic()
+
+        def pending() -> dict[str, object] | None:
+            conns = svc.json("/connections", state="open", port=cport)
+            return next((c for c in conns if c["src_port"] == cport and c["state"] == "SYN_SENT"), None)
+
+        c = wait_for(pending, 1.0, "the pending connect listed as SYN_SENT with its port")
+        assert time.monotonic() - t0 < 1.0
+        # `ip netns exec` execs the command: the connecting process keeps its pid.
+        assert (c["role"], c["dst_port"], c["dst_addr"], c["pid"]) == ("client", 19, net.addr_b6, p.pid)
+        assert int(p.stdout.readline()) == 110  # type: ignore[union-attr]
+        closed = wait_for(lambda: next((x for x in svc.json("/connections", state="closed", port=cport)
+                                        if x["id"] == c["id"]), None), 5, "the timed-out connect closed")
+        assert closed["close_reason"] == "timeout"
+        evs = svc.json(f"/connections/{c['id']}/events")
+        assert [e["type"] for e in evs].count("syn_sent") == 1, evs
+    finally:
+        svc.stop()
+
+
+def test_table_converges_to_the_kernel_after_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_serve import start_service, wait_for
+
+    srv = listener()
+    port = srv.getsockname()[1]
+    # A one-page ring that is read once a second: a burst overflows it, losing records.
+    for k, v in (("RINGBUF_PAGES", "1"), ("WAKEUP_INTERVAL_US", "1000000"), ("WAKEUP_BUSY_INTERVAL_US", "1000000"),
+                 ("WAKEUP_BATCH_RECORDS", "1000000"), ("DRAIN_INTERVAL_MS", "1000"), ("SWEEP_INTERVAL_S", "1")):
+        monkeypatch.setenv(f"CONN_TRACER_{k}", v)
+    svc = start_service(tmp_path / "serve.log", "--filter-port", str(port))
+    kept: list[socket.socket] = []
+    try:
+        for i in range(300):
+            c = socket.create_connection(("127.0.0.1", port))
+            s, _ = srv.accept()
+            if i % 30 == 0:
+                kept += [c, s]
+            else:
+                c.close()
+                s.close()
+        # One more left half-closed: the server end sits in CLOSE_WAIT, the client's in FIN_WAIT2.
+        c = socket.create_connection(("127.0.0.1", port))
+        s, _ = srv.accept()
+        c.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+        kept += [c, s]
+        assert wait_for(lambda: svc.json("/stats")["lost_kernel"] or None, 5, "records lost in the kernel")
+        want = {(x.getsockname()[1], x.getpeername()[1]) for x in kept}
+
+        last: dict[tuple[int, int], str] = {}
+
+        def converged() -> dict[tuple[int, int], str] | None:
+            last.clear()
+            last.update({(x["src_port"], x["dst_port"]): x["state"]
+                         for x in svc.json("/connections", state="open", port=port, limit=100000)})
+            return dict(last) if set(last) == want else None
+
+        try:
+            got = wait_for(converged, 8, "open connections equal to the kernel's")
+        except BaseException:
+            raise AssertionError(f"extra {set(last) - want}, missing {want - set(last)}, "
+                                 f"stats {svc.json('/stats')}") from None
+        cport, sport = c.getsockname()[1], s.getsockname()[1]
+        assert got[(sport, cport)] == "CLOSE_WAIT" and got[(cport, sport)] == "FIN_WAIT2", got
+    finally:
+        for x in kept:
+            x.close()
+        srv.close()
+        svc.stop()

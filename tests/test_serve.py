@@ -424,7 +424,7 @@ def test_kernel_filtered_service_counts_exactly(net: VethPair, tmp_path: Path) -
         s = svc.json("/stats")
         ev = s["events"]
         assert (ev["syn_sent"], ev["syn_recv"], ev["established"], ev["close"]) == (n, n, 2 * n, 2 * n), ev
-        assert ev["data_queue"] >= 2 * n
+        # data_queue: none unless an exchange outlives the coalescing interval (bytes come with the close).
         assert (s["connections_open"] - s.get("connections_preexisting", 0), s["connections_closed_kept"]) == (0, 2 * n)
         assert s["seq"] == sum(ev.values()) and s["lost_kernel"] == 0 and s["decode_errors"] == 0
         conns = svc.json("/connections", port=port, state="closed")

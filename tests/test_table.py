@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
 from app import sockdiag
+from app.bpf.event import STATE, TCP_STATE_NUMBERS
 from app.filters import Filter
-from app.table import ConnectionTable
-from tests.evfactory import TEXTS, ev
+from app.table import ConnectionTable, conn_key, replaced
+from tests.evfactory import T0_NS, TEXTS, ev
 
 
 def lifecycle(table: ConnectionTable, conn: int, t0: float, **kw: object) -> None:
@@ -124,11 +126,33 @@ def test_preexisting_from_sockdiag_records() -> None:
     assert (got["p2"].role, got["p2"].family, got["p2"].pid, got["p2"].preexisting) == ("client", "ipv6", None, True)
     # The kernel later reports the same socket (it was opening while we attached): one entry left.
     netns = got["p1"].netns
-    t.apply(ev("data_queue", 9, 5, src_addr="10.0.0.1", src_port=22, dst_addr="10.0.0.9", dst_port=5555,
-               netns=netns, pid=None, comm=None, role="server"))
+    c9 = ev("data_queue", 9, 5, src_addr="10.0.0.1", src_port=22, dst_addr="10.0.0.9", dst_port=5555,
+            netns=netns, pid=None, comm=None, role="server")
+    t.apply(c9)
     ids = {c.id for c in t.query()}
     assert ids == {"c9", "p2"} and t.get("c9").pid == 77  # type: ignore[union-attr]
-    # A refresh that no longer sees p2 closes it.
-    assert t.refresh_preexisting({}) == 1
+    # A sweep that does not see p2 twice in a row ends it with a close of unknown reason.
+    later = time.monotonic_ns() + 10**9   # sock_diag records start now
+    kernel = {conn_key(c9): c9}
+    assert t.converge(kernel, set(), later, later) == []
+    (close,) = t.converge(kernel, set(), later, later + 1)
+    t.apply(close)
     p2 = t.get("p2")
-    assert p2 is not None and p2.state == "CLOSE" and p2.closed_at is not None
+    assert p2 is not None and (p2.state, p2.close_reason) == ("CLOSE", "unknown") and p2.closed_at is not None
+    assert t.preexisting_count == 0   # nothing left to twin-check: new connections take the fast path
+
+
+def test_sweep_corrects_states_and_spares_unreadable_namespaces() -> None:
+    t = ConnectionTable(TEXTS)
+    t.apply(ev("established", 1, 0, netns=5))
+    t.apply(ev("established", 2, 0, netns=6, src_port=41000))
+    kernel_view = replaced(ev("established", 1, 0, netns=5), {STATE: TCP_STATE_NUMBERS["CLOSE_WAIT"]})
+    later = T0_NS + 10**12
+    for _ in range(3):   # c2's namespace could not be read: it stays open
+        assert t.converge({conn_key(kernel_view): kernel_view}, {6}, later, later) == []
+    got = {c.id: c.state for c in t.query("open")}
+    assert got == {"c1": "CLOSE_WAIT", "c2": "ESTABLISHED"}
+    # A connection that began after the sweep started is not judged by it.
+    t.apply(ev("established", 3, 0, start_ms=10**9, netns=5, src_port=42000))
+    assert t.converge({conn_key(kernel_view): kernel_view}, {6}, later, later) == []
+    assert t.converge({conn_key(kernel_view): kernel_view}, {6}, later, later) == []

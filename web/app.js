@@ -160,6 +160,16 @@ function renderHealth() {
   const modeText = mode == null ? '–' : typeof mode === 'object'
     ? Object.entries(mode).map(([k, v]) => `${k}=${v}`).join(', ') : String(mode);
   setText('#attach-mode', modeText);
+  // serve --nats: the exporter's figures; a fleet view: how many hosts it hears from.
+  const ex = stats?.export;
+  const hosts = stats?.hosts ? Object.keys(stats.hosts).length : null;
+  $('#nats-item').hidden = !ex && hosts == null;
+  if (ex) {
+    setText('#nats', `${ex.connected ? 'NATS connected' : 'NATS unreachable'} · ${ex.acknowledged} acked · `
+      + `${ex.buffered} buffered · ${ex.dropped} dropped · ${ex.reconnects} reconnects`);
+  } else if (hosts != null) {
+    setText('#nats', `fleet of ${hosts} host${hosts === 1 ? '' : 's'} · ${stats.lost_export ?? 0} lost in export`);
+  }
 }
 
 async function getJSON(path) {

@@ -46,14 +46,18 @@ async def _on_validation_error(_request: Request, exc: Exception) -> JSONRespons
                         status_code=422)
 
 
-def create_app(settings: Settings | None = None, tracer_factory: TracerFactory = default_tracer_factory) -> FastAPI:
+def create_app(settings: Settings | None = None, tracer_factory: TracerFactory = default_tracer_factory,
+               core: Core | None = None) -> FastAPI:
     """Builds the app; the lifespan opens the tracer at start-up and closes it at shutdown.
 
-    Raises AccessError if the token settings are unusable (serve checks them first, in one line).
+    `core` serves an already built service instead (the fleet view: app.fleet.FleetCore). Raises
+    AccessError if the token settings are unusable (serve checks them first, in one line).
     """
+    if core is not None:
+        settings = core.settings
     settings = settings or Settings.model_validate({})
     token = load_token(settings)
-    core = Core(settings, tracer_factory)
+    core = core or Core(settings, tracer_factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,6 +67,7 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
         finally:
             await core.close_websockets(1001, timeout_s=1.0)   # serve's SIGTERM handler has done it already
             core.stop()
+            await core.aclose()
 
     # FastAPIOffline: /docs loads Swagger UI from the installed fastapi-offline package (under
     # /static-offline-docs), never from a CDN; /redoc likewise, through app/api/docs.py.

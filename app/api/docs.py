@@ -52,6 +52,8 @@ WS_PARAMETERS = [
     _param("family", {"type": "string", "enum": ["ipv4", "ipv6", "4", "6"]}, "only this address family"),
     _param("role", {"type": "string", "enum": ["client", "server"]}, "client = active open, server = passive open"),
     _param("type", {"type": "string"}, f"comma-separated event types: {', '.join(EVENT_TYPES)}"),
+    _param("host", {"type": "string", "minLength": 1, "maxLength": 253},
+           "only this host (a fleet view; an agent keeps everything for its own name, nothing for another)"),
     _param("after", {"type": "integer", "minimum": 0}, "resume: first the held events with a larger seq, then live"),
     _param("batch", {"type": "integer", "minimum": 0, "maximum": 65536},
            "up to N events per message as a JSON array (0 or absent: one event per message)"),

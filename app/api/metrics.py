@@ -42,9 +42,37 @@ class CoreCollector(Collector):
         yield ev
         lost = CounterMetricFamily("conn_tracer_lost_events", "Events lost, per place (source)", labels=["source"])
         lost.add_metric(["kernel"], core.lost_kernel())
+        lost.add_metric(["recursion"], core.recursion_misses())
         lost.add_metric(["subscriber"], hub.dropped_subscribers)
         lost.add_metric(["decode"], core.decode_errors())
+        lost.add_metric(["export"], core.lost_export())
         yield lost
+        exp = core.export_stats()
+        if exp is not None:
+            for key, doc in (("published", "Events sent to NATS JetStream (first attempt)"),
+                             ("acknowledged", "Events JetStream acknowledged"),
+                             ("resent", "Events sent again after no acknowledgement"),
+                             ("messages", "Messages JetStream acknowledged"),
+                             ("reconnects", "Reconnections to NATS")):
+                yield CounterMetricFamily(f"conn_tracer_export_{key}", doc, value=exp[key])
+            yield GaugeMetricFamily("conn_tracer_export_buffered", "Events waiting for an acknowledgement",
+                                    value=exp["buffered"])
+            yield GaugeMetricFamily("conn_tracer_export_connected", "1 while connected to NATS",
+                                    value=int(exp["connected"]))
+        hosts = core.host_stats()
+        if hosts:
+            per = CounterMetricFamily("conn_tracer_fleet_host_events", "Events received per host", labels=["host"])
+            fails = CounterMetricFamily("conn_tracer_fleet_host_failures",
+                                        "Connections closed as refused, timeout or reset, per host", labels=["host"])
+            opened = GaugeMetricFamily("conn_tracer_fleet_host_connections_open", "Open connections per host",
+                                       labels=["host"])
+            for h, v in sorted(hosts.items()):
+                per.add_metric([h], v["events"])
+                fails.add_metric([h], v["failures"])
+                opened.add_metric([h], v["connections_open"])
+            yield per
+            yield fails
+            yield opened
         # seq only grows (it restarts with the process, which a counter's reset handling expects):
         # a counter, exposed as conn_tracer_seq_total, so rate() works on it.
         yield CounterMetricFamily("conn_tracer_seq", "Seq of the latest event (events numbered since start)",

@@ -15,11 +15,42 @@ class SubscriberStats(BaseModel):
     dropped: int = Field(description="events dropped because it was too slow")
 
 
+class ExportStats(BaseModel):
+    """Export to NATS JetStream (serve --nats): counts of events, not messages, unless named so."""
+
+    url: str | None = Field(description="the NATS server(s)")
+    subject: str = Field(description="the subject events are published on")
+    stream: str = Field(description="the JetStream stream")
+    connected: bool = Field(description="connected to NATS now")
+    published: int = Field(description="events sent to NATS (first attempt)")
+    acknowledged: int = Field(description="events JetStream acknowledged (stored)")
+    buffered: int = Field(description="events waiting for an acknowledgement now")
+    buffer_events: int = Field(description="the buffer's bound (nats_buffer_events)")
+    dropped: int = Field(description="events lost: buffer full, or too far behind the hub")
+    resent: int = Field(description="events sent again because no acknowledgement came")
+    messages: int = Field(description="messages acknowledged")
+    reconnects: int = Field(description="reconnections to NATS")
+    last_error: str | None = Field(description="the latest problem, null once a batch went through")
+
+
+class HostStats(BaseModel):
+    """One exporting host, as a fleet view sees it."""
+
+    events: int = Field(description="events received from this host")
+    connections_open: int = Field(description="its open connections")
+    connections_closed_kept: int = Field(description="its closed connections still held")
+    failures: int = Field(description="its connections closed as refused, timeout or reset")
+    lost_export: int = Field(description="events missing from its sequence (dropped by its exporter)")
+    duplicates: int = Field(description="events received twice and dropped")
+    last_seen: str | None = Field(description="ISO 8601 UTC of its latest event")
+
+
 class Stats(BaseModel):
     """Counters since start; losses are counted per place they happen."""
 
     events: dict[str, int] = Field(description="events published, per event type")
     lost_kernel: int = Field(description="events the kernel could not put in the full ring buffer")
+    lost_recursion: int = Field(0, description="program runs the kernel skipped (recursion guard): events never seen")
     dropped_subscribers: int = Field(description="events dropped to slow WebSocket subscribers, all together")
     decode_errors: int = Field(description="ring-buffer records that could not be decoded (skipped)")
     connections_open: int = Field(description="open connections in the table")
@@ -33,6 +64,10 @@ class Stats(BaseModel):
     uptime_s: float = Field(description="seconds since the service started")
     attach_mode: str = Field(description="kernel hooks in use, e.g. which data-queue hook")
     subscriber_queues: list[SubscriberStats] = Field(description="per WebSocket subscriber: queue, deliveries, drops")
+    lost_export: int = Field(0, description="events that did not reach NATS (serve --nats) or, in a fleet view, "
+                                            "events missing from the hosts' sequences")
+    export: ExportStats | None = Field(None, description="export to NATS JetStream, null when not exporting")
+    hosts: dict[str, HostStats] | None = Field(None, description="fleet view: per exporting host")
 
 
 class Health(BaseModel):

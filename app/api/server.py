@@ -227,8 +227,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(settings: Settings) -> int:
-    """Serves until SIGINT/SIGTERM; 0 after a clean stop, 1 if the port or the tracer could not be had."""
+def run(settings: Settings, service: Core | None = None) -> int:
+    """Serves until SIGINT/SIGTERM; 0 after a clean stop, 1 if the port or the tracer (or `service`) failed."""
     logging.basicConfig(level=logging.WARNING, format="conn-tracer: %(levelname)s %(name)s: %(message)s")
     problem = startup_problem(settings)
     if problem is not None:
@@ -239,7 +239,7 @@ def run(settings: Settings) -> int:
     except BindError as exc:
         sys.stderr.write(f"conn-tracer: {exc}\n")
         return 1
-    app = create_app(settings)
+    app = create_app(settings, core=service)
     core: Core = app.state.core
     # No permessage-deflate: compressing every small event costs more CPU than it saves on loopback/LAN.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, ws=WSProtocol,

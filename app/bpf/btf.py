@@ -188,6 +188,11 @@ TRACER_OFFSETS: tuple[tuple[str, str, str], ...] = (
     ("OFF_MDEV_US", "tcp_sock", "mdev_us"),
     ("OFF_TOTAL_RETRANS", "tcp_sock", "total_retrans"),
     ("OFF_SK_ERR", "sock", "sk_err"),
+    ("OFF_SK_SOCKET", "sock", "sk_socket"),
+    ("OFF_SKC_COOKIE", "sock_common", "skc_cookie"),
+    ("OFF_SOCKET_ALLOC_SOCKET", "socket_alloc", "socket"),
+    ("OFF_SOCKET_ALLOC_INODE", "socket_alloc", "vfs_inode"),
+    ("OFF_INODE_INO", "inode", "i_ino"),
     ("OFF_SK_FLAGS", "sock", "__sk_common.skc_flags"),
     ("OFF_SK_NET", "sock", "__sk_common.skc_net.net"),
     ("OFF_SK_PROTOCOL", "sock", "sk_protocol"),
@@ -209,11 +214,44 @@ SK_HEAD_FIELDS = {"OFF_SKC_DADDR": 4, "OFF_SKC_RCV_SADDR": 4, "OFF_SKC_DPORT": 2
 MAX_SK_HEAD_SIZE = 256   # a stack buffer in the BPF program (512 bytes of stack in all)
 
 
+# The tcp_sock counters every record carries, with their sizes: read in at most two probe reads
+# ("windows" of up to TCP_WINDOW_MAX bytes) instead of one each; where they lie further apart
+# on some kernel, TCP_WINDOWS is 0 and tracer.c reads them one by one.
+TCP_WINDOW_FIELDS = {"OFF_BYTES_SENT": 8, "OFF_BYTES_RECEIVED": 8, "OFF_BYTES_RETRANS": 8, "OFF_SRTT_US": 4,
+                     "OFF_MDEV_US": 4, "OFF_TOTAL_RETRANS": 4}
+TCP_WINDOW_MAX = 224
+
+
+def tcp_windows(offsets: dict[str, int]) -> dict[str, int]:
+    """TCPW{0,1}_OFF/_SIZE and, per field, W_<field> (which window) and AT_<field> (offset in it)."""
+    fields = sorted(TCP_WINDOW_FIELDS, key=lambda m: offsets[m])
+    windows: list[list[str]] = []
+    for m in fields:
+        if windows and offsets[m] + TCP_WINDOW_FIELDS[m] - offsets[windows[-1][0]] <= TCP_WINDOW_MAX:
+            windows[-1].append(m)
+        else:
+            windows.append([m])
+    if len(windows) > 2:
+        return {"TCP_WINDOWS": 0}
+    out = {"TCP_WINDOWS": len(windows)}
+    for i in range(2):
+        members = windows[min(i, len(windows) - 1)]
+        start = offsets[members[0]]
+        end = max(offsets[m] + TCP_WINDOW_FIELDS[m] for m in members)
+        out[f"TCPW{i}_OFF"], out[f"TCPW{i}_SIZE"] = start, (end - start + 7) & ~7
+    for i, members in enumerate(windows):
+        for m in members:
+            name = m.removeprefix("OFF_")
+            out[f"W_{name}"], out[f"AT_{name}"] = i, offsets[m] - offsets[members[0]]
+    return out
+
+
 def tracer_defines(path: Path = DEFAULT_BTF_PATH) -> dict[str, int]:
     """Every offset and enum value tracer.c needs, keyed by its macro name."""
     with KernelBtf(path) as btf:
         out = {macro: btf.offset(struct, member) for macro, struct, member in TRACER_OFFSETS}
         out["SOCK_DONE_BIT"] = btf.enum_value("sock_flags", "SOCK_DONE")
+    out.update(tcp_windows(out))
     head = max(out[m] + size for m, size in SK_HEAD_FIELDS.items())
     out["SK_HEAD_SIZE"] = (head + 7) & ~7
     if out["SK_HEAD_SIZE"] > MAX_SK_HEAD_SIZE:

@@ -94,6 +94,11 @@ EVENT_TYPE_NAMES: dict[int, str] = {
 }
 EVENT_TYPE_NUMBERS: dict[str, int] = {name: n for n, name in EVENT_TYPE_NAMES.items()}
 
+# Connection numbers from 2**63 up name sockets found open at start-up: PREEXISTING_ID + their
+# socket cookie (fixed for a socket's life, so a restart gives the same id), shown as p<cookie>.
+# The kernel counts c<n> from 1; it takes over a preexisting socket with its p-id (tracer.c adopt).
+PREEXISTING_ID = 1 << 63
+
 # enum role
 ROLE_CLIENT, ROLE_SERVER = 0, 1
 ROLE_NAMES: tuple[str, ...] = ("client", "server")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import ctypes.util
+import functools
 import logging
 import mmap
 import os
@@ -23,15 +25,22 @@ from typing import Any
 
 from app.bpf.btf import BtfError, tracer_defines
 from app.bpf.event import (
+    CGROUP_ID,
+    COMM,
+    CONN_ID,
     EV_STATE_CHANGE,
     FRAME,
+    PID,
+    PREEXISTING_ID,
     RECORD,
     RING_HEADER_SIZE,
+    ROLE,
     ST_ESTABLISHED,
+    START_NS,
     EventRecord,
     make_record,
 )
-from app.bpf.pins import PinError, PinSet
+from app.bpf.pins import DEFAULT_INSTANCE, PinError, PinLocked, PinSet
 from app.config import Settings
 
 log = logging.getLogger(__name__)
@@ -50,6 +59,16 @@ DATA_QUEUE_KPROBE_PROGRAM = "ct_dq_kprobe"
 TRACEPOINT_CATEGORY = "sock"
 
 CTR_LOST = 1   # tracer.c: counters[CTR_LOST]
+# struct bpf_prog_info (uapi, stable ABI): recursion_misses is the u64 at byte 208 (Linux 5.12+).
+PROG_INFO_SIZE = 256
+PROG_INFO_RECURSION_MISSES = 208
+
+
+@functools.cache
+def _libbpf_info() -> ctypes.CDLL:
+    lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+    lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    return lib
 # A wake-up window with this many records means "busy": the next window is wakeup_busy_interval_us.
 WAKEUP_BUSY_RECORDS = 64
 
@@ -330,6 +349,22 @@ class RingReader:
         self._prod_map.close()
 
 
+@dataclass(frozen=True)
+class PendingConnect:
+    """A connect still in SYN_SENT, as tracer.c's `connecting` map holds it (no local port yet)."""
+
+    conn_id: int
+    start_ns: int
+    cgroup_id: int
+    inode: int
+    pid: int
+    netns: int
+    family: int
+    dport: int
+    daddr: bytes
+    comm: bytes
+
+
 class Tracer:
     """The compiled, attached BPF programs and their ring buffer."""
 
@@ -378,14 +413,21 @@ class Tracer:
 
         cflags = build_cflags(self.settings, self.report)
         if self.settings.pin:
-            pins = PinSet(self.settings.instance, TRACER_C.read_text(), {"MAX_SOCKETS": self.settings.max_sockets})
+            instance = self.settings.instance or DEFAULT_INSTANCE
+            pins = PinSet(instance, TRACER_C.read_text(), {"MAX_SOCKETS": self.settings.max_sockets})
             try:
                 self.resumed = pins.prepare()
+                self._pins = pins
+                cflags += pins.cflags()
+            except PinLocked as exc:
+                pins.release()
+                if self.settings.instance is not None:
+                    raise TracerError(str(exc)) from exc
+                log.warning("instance %r is held by another running conn-tracer: this one pins nothing "
+                            "(give it --instance NAME to survive restarts)", instance)
             except (PinError, OSError) as exc:
                 pins.release()
                 raise TracerError(str(exc)) from exc
-            self._pins = pins
-            cflags += pins.cflags()
         t0 = time.perf_counter()
         try:
             bpf = _ManualBPF(src_file=str(TRACER_C).encode(), cflags=cflags)
@@ -526,6 +568,50 @@ class Tracer:
             return stored
         ids[key] = ids.Leaf(fresh_ns)
         return fresh_ns
+
+    def pending_connects(self, older_than_ns: int) -> list[PendingConnect]:
+        """Connects waiting for their SYN-ACK for longer than `older_than_ns` (the kernel's `connecting` map)."""
+        if self._bpf is None:
+            return []
+        now = time.monotonic_ns()
+        return [PendingConnect(p.conn_id, p.start_ns, p.cgroup_id, p.inode, p.pid, p.netns, p.family, p.dport,
+                               bytes(p.daddr), bytes(p.comm))
+                for p in self._bpf[b"connecting"].values() if now - p.start_ns >= older_than_ns]
+
+    def recursion_misses(self) -> int:
+        """Runs of our programs the kernel skipped (a program was already running on that CPU, e.g. an
+        interrupt hit while one ran): events that were never recorded. bpf_prog_info.recursion_misses."""
+        if self._bpf is None:
+            return 0
+        total = 0
+        for fn in self._bpf.funcs.values():
+            info = ctypes.create_string_buffer(PROG_INFO_SIZE)
+            size = ctypes.c_uint32(PROG_INFO_SIZE)
+            if _libbpf_info().bpf_obj_get_info_by_fd(fn.fd, info, ctypes.byref(size)) == 0 and \
+                    size.value >= PROG_INFO_RECURSION_MISSES + 8:
+                total += int.from_bytes(info.raw[PROG_INFO_RECURSION_MISSES:PROG_INFO_RECURSION_MISSES + 8],
+                                        "little")
+        return total
+
+    def offer_adoption(self, recs: list[EventRecord]) -> None:
+        """Lets the kernel take over sockets found open at start-up (ids PREEXISTING_ID + socket cookie)."""
+        if self._bpf is None or not recs:
+            return
+        table = self._bpf[b"adoptees"]
+        n = 0
+        for r in recs:
+            if r[CONN_ID] < PREEXISTING_ID:
+                continue
+            a = table.Leaf()
+            a.conn_id, a.start_ns, a.cgroup_id, a.pid, a.role = r[CONN_ID], r[START_NS], r[CGROUP_ID], r[PID], r[ROLE]
+            a.comm = r[COMM][:15]
+            try:
+                table[table.Key(r[CONN_ID] - PREEXISTING_ID)] = a
+            except Exception:   # the map is full: that one stays polled by the sweep
+                break
+            n += 1
+        count = self._bpf[b"adopt_count"]
+        count[count.Key(0)] = count.Leaf(n)
 
     def forget_sockets(self, keys: list[int]) -> None:
         """Drops map entries of sockets that are gone (closed while no reader was attached)."""

@@ -31,8 +31,15 @@ IDS_ENTRIES = 2   # tracer.c's ids array: next connection number, wall clock off
 INSTANCE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+DEFAULT_INSTANCE = "default"
+
+
 class PinError(RuntimeError):
     """The pinned state cannot be used (bpffs, lock, permissions); the message says what to do."""
+
+
+class PinLocked(PinError):
+    """Another running agent holds this instance."""
 
 
 def struct_text(source: str, name: str) -> str:
@@ -110,7 +117,7 @@ class PinSet:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise PinError(f"another conn-tracer uses instance {self.instance!r} ({self.dir}); "
+            raise PinLocked(f"another conn-tracer uses instance {self.instance!r} ({self.dir}); "
                            "fix: stop it, or give this one --instance NAME (or --no-pin)") from None
         self._lock_fd = fd
 

@@ -23,7 +23,10 @@
 //   STATE_EVENTS                         emit an event for every other state change too
 //   FILTER_PORT, FILTER_PID, FILTER_FAMILY, FILTER_NETNS  start-up filters (0 = off)
 //   OFF_SRTT_US, OFF_MDEV_US, OFF_TOTAL_RETRANS   tcp_sock RTT and retransmission counters
+//   TCP_WINDOWS, TCPW*_OFF/SIZE, W_*, AT_*   the same counters grouped into one or two reads
 //   OFF_SK_ERR                           struct sock.sk_err: why a socket closed
+//   OFF_SKC_COOKIE                       sock_common.skc_cookie (set once sock_diag has dumped the socket)
+//   OFF_SK_SOCKET, OFF_SOCKET_ALLOC_SOCKET, OFF_SOCKET_ALLOC_INODE, OFF_INODE_INO   sock -> its socket inode number
 //   RINGBUF_PAGES, MAX_SOCKETS           sizes
 //   WAKEUP_*                             when a record wakes the reader (see submit_flags)
 //   EVENT_SIZE                           sizeof(struct event) as app/bpf/event.py describes it
@@ -136,6 +139,43 @@ struct owner {
 };
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+// Sockets open before we attached, found by user space through sock_diag (which gives every socket
+// it dumps a cookie): keyed by that cookie, with the id, role and owner user space listed them
+// under. The first hook that misses `sockets` for such a socket takes it over (adopt()), so its
+// bytes, state and close come from the kernel from then on. adopt_count[0] is the number of
+// entries: while 0 (the usual case) a miss costs one array lookup.
+struct adoptee {
+    u64 conn_id;
+    u64 start_ns;
+    u64 cgroup_id;
+    u32 pid;
+    u8 role;
+    u8 _pad[3];
+    char comm[16];
+};
+BPF_TABLE("hash", u64, struct adoptee, adoptees, 16384);
+BPF_ARRAY(adopt_count, u64, 1);
+
+// Connects still waiting for their SYN-ACK. SYN_SENT carries no local port yet (KERNEL.md) and
+// the syn event rides on the connection's next record, which for a connect that is not answered
+// comes only at its timeout: user space reads this small map a few times a second, finds the
+// port of each old entry by its socket inode (sock_diag), and lists the connection at once.
+// Entries leave at ESTABLISHED or CLOSE; if the map is full a connect is simply not listed early.
+struct pending_connect {
+    u64 conn_id;
+    u64 start_ns;
+    u64 cgroup_id;
+    u64 inode;
+    u32 pid;
+    u32 netns;
+    u8 family;
+    u8 _pad;
+    u16 dport;
+    u8 daddr[16];
+    char comm[16];
+};
+BPF_TABLE("hash", u64, struct pending_connect, connecting, 4096);
 // PIN_* (paths under bpffs, app/bpf/pins.py) make these outlive the loader: a restart
 // keeps tracking the same sockets and numbering connections where it stopped.
 #ifdef PIN_SOCKETS
@@ -284,6 +324,17 @@ static __always_inline int passes_filters(const struct tuple *t, u32 pid) {
     return 1;
 }
 
+// The tcp_sock counters in (at most) two reads: app/bpf/btf.py tcp_windows() groups them.
+#if TCP_WINDOWS
+struct tcp_windows {
+    u8 w0[TCPW0_SIZE];
+    u8 w1[TCPW1_SIZE];
+};
+#define TCPW_FIELD(w, name, type) (*(type *)((W_##name ? (w)->w1 : (w)->w0) + AT_##name))
+// Too big for the 512-byte BPF stack beside the rest of emit(): a per-CPU scratch buffer.
+BPF_PERCPU_ARRAY(tcp_scratch, struct tcp_windows, 1);
+#endif
+
 // Writes one record for a tracked socket straight into the ring. If the socket's
 // syn event is still pending, the record carries EVF_SYN: the kernel sets the
 // local port and address only after the SYN_SENT / SYN_RECV transition, so this
@@ -299,12 +350,29 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
         return;
     u64 sent = 0, received = 0, retrans = 0;
     u32 srtt = 0, mdev = 0, retrans_segs = 0;
+#if TCP_WINDOWS
+    int z = 0;
+    struct tcp_windows *w = tcp_scratch.lookup(&z);
+    if (!w)
+        return;
+    bpf_probe_read_kernel(w->w0, sizeof(w->w0), (const char *)sk + TCPW0_OFF);
+#if TCP_WINDOWS > 1
+    bpf_probe_read_kernel(w->w1, sizeof(w->w1), (const char *)sk + TCPW1_OFF);
+#endif
+    sent = TCPW_FIELD(w, BYTES_SENT, u64);
+    received = TCPW_FIELD(w, BYTES_RECEIVED, u64);
+    retrans = TCPW_FIELD(w, BYTES_RETRANS, u64);
+    srtt = TCPW_FIELD(w, SRTT_US, u32);
+    mdev = TCPW_FIELD(w, MDEV_US, u32);
+    retrans_segs = TCPW_FIELD(w, TOTAL_RETRANS, u32);
+#else
     bpf_probe_read_kernel(&sent, sizeof(sent), (const char *)sk + OFF_BYTES_SENT);
     bpf_probe_read_kernel(&received, sizeof(received), (const char *)sk + OFF_BYTES_RECEIVED);
     bpf_probe_read_kernel(&retrans, sizeof(retrans), (const char *)sk + OFF_BYTES_RETRANS);
     bpf_probe_read_kernel(&srtt, sizeof(srtt), (const char *)sk + OFF_SRTT_US);
     bpf_probe_read_kernel(&mdev, sizeof(mdev), (const char *)sk + OFF_MDEV_US);
     bpf_probe_read_kernel(&retrans_segs, sizeof(retrans_segs), (const char *)sk + OFF_TOTAL_RETRANS);
+#endif
     srtt >>= 3;   // the kernel keeps srtt << 3 and mdev << 2
     mdev >>= 2;
     if (type == EV_ESTABLISHED && !si->connect_us) {
@@ -314,6 +382,14 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
         si->connect_us = c ? (u32)c : 1;
     }
 
+    if (!si->sport && t.sport) {
+        // Kept even if this record is lost: the sweep and a restarted loader list the socket from it.
+        si->family = t.family;
+        si->sport = t.sport;
+        si->dport = t.dport;
+        __builtin_memcpy(si->saddr, t.saddr, 16);
+        __builtin_memcpy(si->daddr, t.daddr, 16);
+    }
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count_lost();
@@ -336,13 +412,10 @@ static __always_inline void emit(const void *sk, struct sock_info *si, u8 type, 
     e->connect_us = si->connect_us;
     si->last_tx = e->bytes_sent;
     si->last_rx = e->bytes_received;
-    if (!si->sport && t.sport) {
-        si->family = t.family;
-        si->sport = t.sport;
-        si->dport = t.dport;
-        __builtin_memcpy(si->saddr, t.saddr, 16);
-        __builtin_memcpy(si->daddr, t.daddr, 16);
-    }
+    // Any record carries the counters: the next data event is due an interval after it. A
+    // connection shorter than the interval so costs no data event at all (its bytes come with
+    // ESTABLISHED and CLOSE); a quiet one's last bytes are refreshed by user space's sweep.
+    si->last_data_ns = now;
     __builtin_memcpy(e->saddr, t.saddr, 16);
     __builtin_memcpy(e->daddr, t.daddr, 16);
     e->sport = t.sport;
@@ -396,6 +469,46 @@ static __always_inline u8 close_reason(const void *sk, int oldstate) {
     return CR_NORMAL;
 }
 
+static __always_inline void note_connect(const void *sk, const struct sock_info *si) {
+    struct pending_connect p = {.conn_id = si->conn_id, .start_ns = si->start_ns, .cgroup_id = si->cgroup_id,
+                                .pid = si->pid, .netns = si->netns};
+    __builtin_memcpy(p.comm, si->comm, sizeof(p.comm));
+    struct tuple t;
+    read_tuple(&t, sk);   // the remote end is set before SYN_SENT; the local port is not
+    p.family = t.family;
+    p.dport = t.dport;
+    __builtin_memcpy(p.daddr, t.daddr, 16);
+    void *sock = NULL;
+    bpf_probe_read_kernel(&sock, sizeof(sock), (const char *)sk + OFF_SK_SOCKET);
+    if (sock)
+        bpf_probe_read_kernel(&p.inode, sizeof(p.inode),
+                              (const char *)sock - OFF_SOCKET_ALLOC_SOCKET + OFF_SOCKET_ALLOC_INODE + OFF_INODE_INO);
+    u64 key = (u64)sk;
+    connecting.update(&key, &p);
+}
+
+static __always_inline struct sock_info *adopt(const void *sk, u64 key) {
+    int z = 0;
+    u64 *n = adopt_count.lookup(&z);
+    if (!n || !*n)
+        return NULL;
+    u64 cookie = 0;
+    bpf_probe_read_kernel(&cookie, sizeof(cookie), (const char *)sk + OFF_SKC_COOKIE);
+    if (!cookie)
+        return NULL;
+    struct adoptee *a = adoptees.lookup(&cookie);
+    if (!a)
+        return NULL;
+    struct sock_info si = {.conn_id = a->conn_id, .start_ns = a->start_ns, .cgroup_id = a->cgroup_id,
+                           .pid = a->pid, .role = a->role};
+    __builtin_memcpy(si.comm, a->comm, sizeof(si.comm));
+    si.netns = read_netns(sk);
+    sockets.update(&key, &si);
+    adoptees.delete(&cookie);
+    __sync_fetch_and_add(n, -1);
+    return sockets.lookup(&key);
+}
+
 // raw_tp inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)
 int ct_state(struct bpf_raw_tracepoint_args *ctx) {
     const void *sk = (const void *)ctx->args[0];
@@ -421,6 +534,7 @@ int ct_state(struct bpf_raw_tracepoint_args *ctx) {
             // connect() runs in the caller's process context.
             claim_owner(&si);
             si.flags = EVF_PID_FROM_CONNECT;
+            note_connect(sk, &si);
         } else {
             // The passive child is created in softirq (oldstate is the listener's
             // LISTEN, copied by the clone): whoever runs now is not the owner. The
@@ -463,8 +577,12 @@ int ct_state(struct bpf_raw_tracepoint_args *ctx) {
 #endif
     struct sock_info *si = sockets.lookup(&key);
     if (!si)
-        return 0;   // sockets that opened before we attached, and non-TCP ones
+        si = adopt(sk, key);
+    if (!si)
+        return 0;   // non-TCP sockets, and sockets that opened before we attached and were not dumped
 
+    if (si->syn_pending && si->role == ROLE_CLIENT)
+        connecting.delete(&key);   // answered or failed: no longer pending
     if (newstate == ST_CLOSE) {
         emit(sk, si, EV_CLOSE, oldstate, newstate, close_reason(sk, oldstate), bpf_ktime_get_ns());
         sockets.delete(&key);
@@ -483,13 +601,14 @@ static __always_inline int data_due(struct sock_info *si, u64 now) {
     if (si->last_data_ns && now - si->last_data_ns < DATA_QUEUE_INTERVAL_NS)
         return 0;
 #endif
-    si->last_data_ns = now;
-    return 1;
+    return 1;   // emit() restarts the clock
 }
 
 static __always_inline void on_data_queued(const void *sk) {
     u64 key = (u64)sk;
     struct sock_info *si = sockets.lookup(&key);
+    if (!si)
+        si = adopt(sk, key);
     if (!si)
         return;   // not a connection we track (listening sockets land here too)
     // sk_data_ready also fires for a bare FIN (to wake a reader for EOF): that is
@@ -526,6 +645,8 @@ int ct_data_ready(struct bpf_raw_tracepoint_args *ctx) {
 static __always_inline struct sock_info *on_syscall_io(const void *sk) {
     u64 key = (u64)sk;
     struct sock_info *si = sockets.lookup(&key);
+    if (!si)
+        si = adopt(sk, key);
     if (si && (si->pid == 0 || (si->flags & EVF_PID_FROM_LISTENER))) {
         claim_owner(si);
         si->flags &= ~EVF_PID_FROM_LISTENER;

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 
 from app.api.deps import CoreDep, PlainInt
 from app.filters import FAMILY_ALIASES, Filter
-from app.models import Connection, Event, conn_id_number
+from app.models import Connection, Event
 
 # Every handler here is `async def` on purpose: it then runs on the event loop, the only thread that
 # touches the table and the hub (a plain `def` would run in a worker thread, racing the reader).
@@ -18,6 +18,7 @@ PortQ = Annotated[PlainInt | None, Query(ge=1, le=65535, description="local or r
 PidQ = Annotated[PlainInt | None, Query(ge=1, le=2**31 - 1, description="owning process id")]
 FamilyQ = Annotated[Literal["ipv4", "ipv6", "4", "6"] | None, Query(description="address family (4 and 6 also)")]
 RoleQ = Annotated[Literal["client", "server"] | None, Query(description="client = active open")]
+HostQ = Annotated[str | None, Query(min_length=1, max_length=253, description="only this host (fleet view)")]
 
 
 @router.get("/connections", response_model=list[Connection])
@@ -28,11 +29,12 @@ async def list_connections(
     pid: PidQ = None,
     family: FamilyQ = None,
     role: RoleQ = None,
+    host: HostQ = None,
     limit: Annotated[PlainInt, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,
 ) -> list[Connection]:
     """Connections, newest activity first; closed ones while held in the bounded history."""
     fam = FAMILY_ALIASES.get(family, family) if family is not None else None
-    pred = Filter(port=port, pid=pid, family=fam, role=role).predicate()
+    pred = core.predicate(Filter(port=port, pid=pid, family=fam, role=role, host=host))
     return core.table.query(state, pred, limit)
 
 
@@ -54,7 +56,7 @@ async def connection_events(
     limit: Annotated[PlainInt, Query(ge=0, le=1_000_000, description="at most the newest this many")] = 1000,
 ) -> Response:
     """That connection's events still held in the replay buffer, oldest first ([] once they have all left it)."""
-    num = conn_id_number(conn_id)
-    if num is None:
-        raise HTTPException(404, f"no connection {conn_id!r}: ids are c<n> or p<n>")
-    return Response("[" + ",".join(core.hub.conn_events(num, limit)) + "]", media_type="application/json")
+    key = core.conn_key(conn_id)
+    if key is None:
+        raise HTTPException(404, f"no connection {conn_id!r}: ids are c<n> or p<n> (<host>:c<n> in a fleet view)")
+    return Response("[" + ",".join(core.hub.conn_events(key, limit)) + "]", media_type="application/json")

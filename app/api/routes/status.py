@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import CoreDep
-from app.api.schemas import Health, Stats, SubscriberStats
+from app.api.schemas import ExportStats, Health, HostStats, Stats, SubscriberStats
 
 router = APIRouter(tags=["status"])
 
@@ -21,6 +21,7 @@ async def stats(core: CoreDep) -> Stats:
     return Stats(
         events=hub.counts,
         lost_kernel=core.lost_kernel(),
+        lost_recursion=core.recursion_misses(),
         dropped_subscribers=hub.dropped_subscribers,
         decode_errors=core.decode_errors(),
         connections_open=table.open_count,
@@ -35,6 +36,9 @@ async def stats(core: CoreDep) -> Stats:
         attach_mode=core.attach_mode,
         subscriber_queues=[SubscriberStats(id=sub.id, filter=sub.label, queued=sub.behind, delivered=sub.delivered,
                                            dropped=sub.dropped_total) for sub in hub.subscribers],
+        lost_export=core.lost_export(),
+        export=ExportStats.model_validate(exp) if (exp := core.export_stats()) is not None else None,
+        hosts={h: HostStats.model_validate(v) for h, v in hosts.items()} if (hosts := core.host_stats()) else None,
     )
 
 

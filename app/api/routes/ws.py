@@ -79,7 +79,7 @@ async def _serve(websocket: WebSocket, core: Core) -> None:
         await websocket.close(code=TRY_AGAIN_LATER,
                               reason=f"too many subscribers (max_subscribers={limit}); try again later")
         return
-    sub = hub.subscribe(filt.predicate(), after, label=str(websocket.query_params))
+    sub = hub.subscribe(core.predicate(filt), after, label=str(websocket.query_params))
     core.websockets.add(websocket)
     watcher = asyncio.create_task(_watch_disconnect(websocket, sub))
     per_take = max(MESSAGES_PER_WRITE, min(batch_size, MAX_EVENTS_PER_BATCH_MESSAGE))
