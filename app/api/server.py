@@ -32,7 +32,7 @@ CLOSE_TIMEOUT_S = 2.0   # a client that does not answer our close frame is cut o
 # asyncio accepts up to `backlog` connections per loop turn and then handles all their requests in
 # the next: with uvicorn's 2048 one turn of a connection flood took over a second (and every
 # request on an open connection waited for it). The kernel queue itself is settings.listen_backlog.
-ACCEPT_BATCH = 64
+ACCEPT_BATCH = 32
 WRITE_BUFFER_HIGH = 32 * 1024
 PONG_FIN = b"\x8a"   # first byte of an unfragmented pong frame (FIN + opcode 0xA)
 
