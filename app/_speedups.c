@@ -12,6 +12,7 @@
 #include <Python.h>
 #include <arpa/inet.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -130,11 +131,18 @@ enum { K_U8 = 1, K_U16 = 2, K_U32 = 4, K_U64 = 8, K_BYTES16 = 16 };
 static Py_ssize_t frame_size;
 static Py_ssize_t field_off[N_FIELDS];   // offset in a frame of the record's field i (record order)
 static int field_kind[N_FIELDS];
+static char field_cached[N_FIELDS];   // is_repeating(i), decided once in configure_frames()
 
 #define INT_CACHE 4096
 static struct { unsigned long long key; PyObject *val; } int_cache[INT_CACHE];
 #define BYTES_CACHE 4096
 static struct { unsigned char key[16]; PyObject *val; } bytes_cache[BYTES_CACHE];
+
+// Fields whose values repeat: looked up in the caches. The rest are made as they come.
+static int is_repeating(Py_ssize_t i) {
+    return i == pos[F_PID] || i == pos[F_NETNS] || i == pos[F_SPORT] || i == pos[F_DPORT] || i == pos[F_CGROUP] ||
+           i == pos[F_CONNECT];
+}
 
 static PyObject *configure_frames(PyObject *self, PyObject *args) {
     PyObject *layout;
@@ -155,6 +163,8 @@ static PyObject *configure_frames(PyObject *self, PyObject *args) {
         field_off[i] = off;
         field_kind[i] = (int)size;
     }
+    for (Py_ssize_t i = 0; i < rec_len; i++)
+        field_cached[i] = (char)is_repeating(i);
     Py_RETURN_NONE;
 }
 
@@ -193,16 +203,27 @@ static PyObject *cached_bytes16(const unsigned char *p) {
     return o;
 }
 
-static unsigned long long read_uint(const unsigned char *p, int kind) {
-    unsigned long long v = 0;
-    memcpy(&v, p, kind);   // little-endian host (x86_64, arm64): the ring holds host order
-    return v;
-}
-
-// Fields whose values repeat: looked up in the caches. The rest are made as they come.
-static int is_repeating(Py_ssize_t i) {
-    return i == pos[F_PID] || i == pos[F_NETNS] || i == pos[F_SPORT] || i == pos[F_DPORT] || i == pos[F_CGROUP] ||
-           i == pos[F_CONNECT];
+// Fixed-size loads (a memcpy of a variable size is a call): the ring holds host order.
+static inline unsigned long long read_uint(const unsigned char *p, int kind) {
+    switch (kind) {
+    case 1:
+        return *p;
+    case 2: {
+        uint16_t v;
+        memcpy(&v, p, 2);
+        return v;
+    }
+    case 4: {
+        uint32_t v;
+        memcpy(&v, p, 4);
+        return v;
+    }
+    default: {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        return v;
+    }
+    }
 }
 
 // decode(frames, out) -> bad: appends to `out` the record of every valid frame, each FLAG_SYN
@@ -251,7 +272,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
             PyObject *v;
             if (field_kind[i] == K_BYTES16)
                 v = cached_bytes16(p);
-            else if (is_repeating(i))
+            else if (field_cached[i])
                 v = cached_int(read_uint(p, field_kind[i]));
             else
                 v = PyLong_FromUnsignedLongLong(read_uint(p, field_kind[i]));
@@ -387,7 +408,7 @@ static int buf_addr(buf_t *b, PyObject *raw, long family) {
 
 // The JSON of the fields that do not change over a connection, ending with tail(cgroup_id): cgroup,
 // container and host, and the closing '}'.
-static PyObject *steady_json(PyObject *rec, PyObject *tail_fn) {
+static PyObject *steady_json(PyObject *rec, PyObject *tails, PyObject *tail_fn) {
     buf_t b = {0};
     unsigned long long conn = PyLong_AsUnsignedLongLong(FIELD(rec, F_CONN));
     long family = PyLong_AsLong(FIELD(rec, F_FAMILY));
@@ -433,7 +454,12 @@ static PyObject *steady_json(PyObject *rec, PyObject *tail_fn) {
     }
     if (PUT_LIT(&b, ",\"netns\":") || buf_u64(&b, netns))
         goto done;
-    PyObject *tail = PyObject_CallOneArg(tail_fn, FIELD(rec, F_CGROUP));
+    // tails caches tail_fn's answers by cgroup id (Texts._tails): a call only for a new cgroup.
+    PyObject *tail = PyDict_GetItemWithError(tails, FIELD(rec, F_CGROUP));
+    if (tail)
+        Py_INCREF(tail);
+    else if (!PyErr_Occurred())
+        tail = PyObject_CallOneArg(tail_fn, FIELD(rec, F_CGROUP));
     if (!tail)
         goto done;
     if (!PyUnicode_Check(tail) || !PyUnicode_IS_ASCII(tail)) {
@@ -491,14 +517,15 @@ static int put_opt(buf_t *b, const char *name, Py_ssize_t len, unsigned long lon
     return (null_if_zero && !v) ? PUT_LIT(b, "null") : buf_u64(b, v);
 }
 
-// json_many(first_seq, recs, wall_offset_ns, steady, tail) -> list[str]: the JSON of each event,
+// json_many(first_seq, recs, wall_offset_ns, steady, tails, tail) -> list[str]: the JSON of each event,
 // numbered from first_seq. `steady` caches each connection's steady part:
 // conn_id -> (pid, sport, text); bounded; a close event's entry is dropped after use.
-// tail(cgroup_id) -> str ends the steady part (Texts.steady_tail).
+// tail(cgroup_id) -> str ends the steady part (Texts.steady_tail), `tails` caches its answers.
 static PyObject *json_many(PyObject *self, PyObject *args) {
     long long seq, offset;
-    PyObject *recs, *steady, *tail_fn;
-    if (!PyArg_ParseTuple(args, "LO!LO!O", &seq, &PyList_Type, &recs, &offset, &PyDict_Type, &steady, &tail_fn) ||
+    PyObject *recs, *steady, *tails, *tail_fn;
+    if (!PyArg_ParseTuple(args, "LO!LO!O!O", &seq, &PyList_Type, &recs, &offset, &PyDict_Type, &steady,
+                          &PyDict_Type, &tails, &tail_fn) ||
         !configured())
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(recs);
@@ -525,7 +552,7 @@ static PyObject *json_many(PyObject *self, PyObject *args) {
             text = PyTuple_GET_ITEM(hit, 2);
             Py_INCREF(text);
         } else {
-            text = steady_json(rec, tail_fn);
+            text = steady_json(rec, tails, tail_fn);
             if (!text)
                 goto fail;
             if (PyDict_GET_SIZE(steady) >= 65536)
@@ -590,13 +617,97 @@ fail:
     return NULL;
 }
 
+// --- Traffic totals ---------------------------------------------------------------------------
+// traffic_fold(recs, bounds_us) -> list of ints, app/traffic.py's fold() in one pass:
+//   [0:12]   closes by role (2) x close reason (0..5)
+//   [12:20]  sums by field (bytes_sent, bytes_received, bytes_retrans, retrans_segs) x role
+//   then for connect_us and srtt_us, by role: len(bounds)+1 bucket counts (values of 0 not counted),
+//   and the sum of the values.
+static PyObject *traffic_fold(PyObject *self, PyObject *args) {
+    PyObject *recs, *bounds;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &recs, &PyTuple_Type, &bounds) || !configured())
+        return NULL;
+    enum { NB_MAX = 64 };
+    Py_ssize_t nb = PyTuple_GET_SIZE(bounds);
+    if (nb > NB_MAX) {
+        PyErr_SetString(PyExc_ValueError, "too many buckets");
+        return NULL;
+    }
+    double bound[NB_MAX];
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        bound[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    unsigned long long closed[2][6] = {{0}}, sums[4][2] = {{0}}, hist[2][2][NB_MAX + 1], hsum[2][2] = {{0}};
+    memset(hist, 0, sizeof(hist));
+    const int sum_fields[4] = {F_SENT, F_RECEIVED, F_RETRANS, F_RETRANS_SEGS};
+    const int hist_fields[2] = {F_CONNECT, F_SRTT};
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(recs); i++) {
+        PyObject *rec = PyList_GET_ITEM(recs, i);
+        if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) < rec_len) {
+            PyErr_SetString(PyExc_TypeError, "not an event record");
+            return NULL;
+        }
+        unsigned long long role = PyLong_AsUnsignedLongLong(FIELD(rec, F_ROLE));
+        unsigned long long reason = PyLong_AsUnsignedLongLong(FIELD(rec, F_CLOSE_REASON));
+        if (PyErr_Occurred())
+            return NULL;
+        role = role ? 1 : 0;
+        closed[role][reason < 6 ? reason : 0]++;
+        for (int f = 0; f < 4; f++) {
+            sums[f][role] += PyLong_AsUnsignedLongLong(FIELD(rec, sum_fields[f]));
+        }
+        for (int h = 0; h < 2; h++) {
+            unsigned long long v = PyLong_AsUnsignedLongLong(FIELD(rec, hist_fields[h]));
+            if (!v)
+                continue;
+            Py_ssize_t b = 0;   // bisect_left: the first bound >= v
+            while (b < nb && bound[b] < (double)v)
+                b++;
+            hist[h][role][b]++;
+            hsum[h][role] += v;
+        }
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+#define PUSH(x)                                                                   \
+    do {                                                                          \
+        PyObject *o_ = PyLong_FromUnsignedLongLong(x);                            \
+        if (!o_ || PyList_Append(out, o_)) {                                      \
+            Py_XDECREF(o_);                                                       \
+            Py_DECREF(out);                                                       \
+            return NULL;                                                          \
+        }                                                                         \
+        Py_DECREF(o_);                                                            \
+    } while (0)
+    for (int r = 0; r < 2; r++)
+        for (int c = 0; c < 6; c++)
+            PUSH(closed[r][c]);
+    for (int f = 0; f < 4; f++)
+        for (int r = 0; r < 2; r++)
+            PUSH(sums[f][r]);
+    for (int h = 0; h < 2; h++)
+        for (int r = 0; r < 2; r++) {
+            for (Py_ssize_t b = 0; b <= nb; b++)
+                PUSH(hist[h][r][b]);
+            PUSH(hsum[h][r]);
+        }
+#undef PUSH
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "configure(positions, record_len, type_names, state_names, role_names, "
                                            "family_names, syn_type_by_role, syn_state_by_role, close_reason_names, "
                                            "flag_syn, close_type)"},
     {"configure_frames", configure_frames, METH_VARARGS, "configure_frames(frame_size, ((offset, size), ...))"},
     {"decode", decode, METH_VARARGS, "decode(frames, out) -> bad: each valid frame's record into out, syn events inserted"},
-    {"json_many", json_many, METH_VARARGS, "json_many(first_seq, recs, wall_offset_ns, steady, tail) -> list[str]"},
+    {"json_many", json_many, METH_VARARGS, "json_many(first_seq, recs, wall_offset_ns, steady, tails, tail) -> list[str]"},
+    {"traffic_fold", traffic_fold, METH_VARARGS, "traffic_fold(recs, bounds_us) -> list[int] (app/traffic.py fold)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -179,23 +179,23 @@ class Texts:
         self.cgroups = cgroups if cgroups is not None else CgroupPaths()
         self._addrs: dict[bytes, str] = {}
         self._comms: dict[bytes, str] = {}
-        self._tails: dict[int, str] = {}
+        self.tails: dict[int, str] = {}   # cgroup id -> steady_tail(), once resolved (read by the C writer)
 
     def cgroup(self, cgroup_id: int) -> str | None:
         return self.cgroups.path(cgroup_id)
 
     def steady_tail(self, cgroup_id: int) -> str:
         """The end of an event's JSON: cgroup, container and host (the cgroup part cached once resolved)."""
-        tail = self._tails.get(cgroup_id)
+        tail = self.tails.get(cgroup_id)
         if tail is None:
             path = self.cgroup(cgroup_id)
             cid = container_id(path) if path else None
             tail = (f',"cgroup":{json_str(path) if path else "null"},'
                     f'"container_id":{json_str(cid) if cid else "null"},"host":{json_str(self.host)}}}')
             if path is not None or not cgroup_id:
-                if len(self._tails) >= 4096:
-                    self._tails.clear()
-                self._tails[cgroup_id] = tail
+                if len(self.tails) >= 4096:
+                    self.tails.clear()
+                self.tails[cgroup_id] = tail
         return tail
 
     def addr(self, raw: bytes, family: int) -> str:
@@ -246,7 +246,7 @@ class EventWriter:
         """The JSON of each event, numbered from first_seq; the same documents as Event.model_dump_json()."""
         if speedups is not None:
             return speedups.json_many(first_seq, recs, self.texts.wall_offset_ns, self._steady,  # type: ignore
-                                      self.texts.steady_tail)
+                                      self.texts.tails, self.texts.steady_tail)
         return self.json_many_py(first_seq, recs)
 
     def json_many_py(self, first_seq: int, recs: list[EventRecord]) -> list[str]:

@@ -286,8 +286,10 @@ class Core:
                 self.pipeline.announce_syn(recs)
 
     async def _sweep_loop(self) -> None:
-        # The kernel's records can be lost (a full ring) and some transitions emit none: compare the
-        # table with the kernel's sockets now and then, in every namespace, and converge.
+        # The kernel's records can be lost (a full ring) and some transitions emit none: now and then, ask
+        # the kernel about every open connection that has been quiet for an interval (exact sock_diag
+        # lookups in its namespace: the cost follows the connections asked about, not the host's sockets)
+        # and about sockets the tracer's map holds but the table lacks, and converge.
         interval = self.settings.sweep_interval_s
         while self.tracer is not None:
             await asyncio.sleep(interval)
@@ -295,14 +297,20 @@ class Core:
             tracer = self.tracer
             try:
                 tracked = [rec for _key, rec in await asyncio.to_thread(tracer.tracked_sockets)]
-                sw = await asyncio.to_thread(sockdiag.sweep, targets=self._netns_targets())
-                recs = sockdiag.preexisting(sw.sockets, {})
+                ask = self.table.quiet_keys(before - int(interval * 1e9))
+                ask.update(conn_key(r) for r in tracked if not self.table.knows(r[CONN_ID]))
+                by_netns: dict[int, list[sockdiag.SocketId]] = {}
+                for key in ask:
+                    by_netns.setdefault(key[0], []).append(key[1:])
+                found, _failed = await asyncio.to_thread(sockdiag.lookup, by_netns)
+                recs = sockdiag.preexisting(list(found.values()), {})
             except Exception:
                 log.warning("sock_diag sweep failed", exc_info=True)
                 continue
             self.sweeps += 1
-            closes = self.table.converge({conn_key(r): r for r in recs}, set(sw.netns_failed), before,
-                                         time.monotonic_ns(), tracked)
+            asked = {k for k in ask if k[0] not in _failed}
+            closes = self.table.converge({conn_key(r): r for r in recs}, asked, before, time.monotonic_ns(),
+                                         tracked)
             if closes:
                 self.sweep_closed += len(closes)
                 self.pipeline.publish(closes)

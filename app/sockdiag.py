@@ -39,6 +39,12 @@ INET_DIAG_CGROUP_ID = 21   # sent unconditionally (kernels with socket cgroup da
 NLMSGHDR = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid (zeros: match all).
 REQ_V2 = struct.Struct("=BBBxI48x")
+# inet_diag_req_v2 naming one socket: its inet_diag_sockid (ports and addresses big-endian, from the socket's
+# own point of view: src = local), any interface, no cookie to match.
+REQ_V2_ONE = struct.Struct("=BBBxI")
+SOCKID = struct.Struct("!HH16s16s")
+SOCKID_TAIL = struct.Struct("=III")
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 # inet_diag_msg: family state timer retrans | sport dport (be) src[16] dst[16] if cookie[8] |
 # expires rqueue wqueue uid inode
 DIAG_MSG = struct.Struct("=BBBB4x16s16sIQIIIII")
@@ -205,6 +211,48 @@ def _dump_here(netns: int, states: int, families: Iterable[int], info: bool) -> 
             while not parse_messages(s.recv(1 << 16), out, netns):
                 pass
     return out
+
+
+SocketId = tuple[int, bytes, int, bytes, int]
+"""(family 4|6, local address as 16 bytes (IPv4 in the first 4), local port, remote address, remote port)."""
+
+
+def _lookup_here(netns: int, ids: list[SocketId]) -> dict[SocketId, DiagSocket]:
+    """The sockets with these ids in the calling thread's namespace (absent ones are left out), with tcp_info.
+
+    One exact lookup each (the kernel's own hash lookup), so the cost follows the number asked for, not the
+    number of sockets on the host (a dump walks the whole table, TIME_WAIT included).
+    """
+    found: dict[SocketId, DiagSocket] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
+        s.settimeout(5)
+        s.bind((0, 0))
+        for seq, sid in enumerate(ids, 1):
+            fam, saddr, sport, daddr, dport = sid
+            body = (REQ_V2_ONE.pack(socket.AF_INET if fam == 4 else socket.AF_INET6, socket.IPPROTO_TCP,
+                                    1 << (INET_DIAG_INFO - 1), ALL_STATES)
+                    + SOCKID.pack(sport, dport, saddr, daddr) + SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE,
+                                                                                 INET_DIAG_NOCOOKIE))
+            s.send(NLMSGHDR.pack(NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + body)
+            out: list[DiagSocket] = []
+            try:
+                parse_messages(s.recv(1 << 16), out, netns)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue   # no such socket (any more)
+                raise
+            if out:
+                found[sid] = out[0]
+    return found
+
+
+def lookup(ids_by_netns: dict[int, list[SocketId]]) -> tuple[dict[tuple[int, SocketId], DiagSocket], dict[int, str]]:
+    """Exact lookups, namespace by namespace: ((netns, id) -> socket for those that exist, netns -> why it could
+    not be read). Blocking; run it in a thread."""
+    known = namespaces()
+    targets = {ino: known.get(ino, []) for ino in ids_by_netns}
+    done, failed = in_namespaces(targets, lambda ino: _lookup_here(ino, ids_by_netns[ino]))
+    return {(ino, sid): d for ino, got in done.items() for sid, d in got.items()}, failed
 
 
 def dump(families: tuple[int, ...] = FAMILIES, states: int = DUMP_STATES) -> list[DiagSocket]:

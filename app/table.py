@@ -123,6 +123,8 @@ class ConnectionTable:
         # Key -> id of connections read from sock_diag at start-up, to drop such an entry if the
         # kernel reports the same socket too (it was opening while we attached).
         self._pre_keys: dict[ConnKey, int] = {}
+        # Only a connection that began before the sock_diag dump can be such a twin: later ones skip the check.
+        self._twins_before_ns = 0
 
     def apply(self, rec: EventRecord) -> None:
         """Creates or updates the connection of `rec`."""
@@ -137,11 +139,12 @@ class ConnectionTable:
         move = op.move_to_end
         first_sight = self._first_sight
         max_open = self.max_open
+        twins_before = self._twins_before_ns
         for rec in recs:
             cid = rec[CONN_ID]
             c = get(cid)
             if c is None:
-                if cid in cl or self._pre_keys or len(op) >= max_open or rec[TYPE] == EV_CLOSE:
+                if cid in cl or rec[START_NS] <= twins_before or len(op) >= max_open or rec[TYPE] == EV_CLOSE:
                     first_sight(rec)
                 else:
                     op[cid] = ConnEntry(rec)
@@ -219,6 +222,7 @@ class ConnectionTable:
                 continue
             self._open[rec[CONN_ID]] = ConnEntry(rec, preexisting=True)
             self._pre_keys[key] = rec[CONN_ID]
+            self._twins_before_ns = max(self._twins_before_ns, rec[TS_NS])
             n += 1
         return n
 
@@ -229,15 +233,19 @@ class ConnectionTable:
         return (self.closed_bytes_sent + sum(map(_sent_of, recs)),
                 self.closed_bytes_received + sum(map(_received_of, recs)))
 
-    def converge(self, kernel: dict[ConnKey, EventRecord], unreadable_netns: set[int], before_ns: int,
+    def quiet_keys(self, last_before_ns: int) -> set[ConnKey]:
+        """Keys of open connections whose latest record is older than `last_before_ns` (what a sweep asks about)."""
+        return {conn_key(c.rec) for c in self._open.values() if c.rec[TS_NS] < last_before_ns}
+
+    def converge(self, kernel: dict[ConnKey, EventRecord], asked: set[ConnKey], before_ns: int,
                  now_ns: int, tracked: Iterable[EventRecord] = ()) -> list[EventRecord]:
         """Brings open connections in line with a sweep of the kernel's sockets (`kernel`, by key): states and
         counters that moved without an event are taken from it.
 
         `tracked` are the sockets the tracer's own map holds (with their ids): one the table lacks (all
         its records lost) and the sweep found is added, in the state the sweep saw.
-        A connection the sweep did not find twice in a row (and that began before the sweep, in a
-        namespace it could read) is over although its close never arrived (a full ring): the returned
+        Only connections whose key the sweep `asked` about are judged. One it did not find twice in a row
+        (and that began before the sweep) is over although its close never arrived (a full ring): the returned
         close records (reason unknown) end it, for the caller to publish. States the kernel reports
         differently are corrected in place (no event: transitions such as CLOSE_WAIT emit none).
         Preexisting connections also take the sweep's counters.
@@ -252,9 +260,10 @@ class ConnectionTable:
                     c.events = 0
         for c in list(op.values()):
             r = c.rec
-            if r[NETNS] in unreadable_netns or r[START_NS] >= before_ns:
+            key = conn_key(r)
+            if key not in asked or r[START_NS] >= before_ns:
                 continue
-            k = kernel.get(conn_key(r))
+            k = kernel.get(key)
             if k is None:
                 c.missing += 1
                 if c.missing >= 2:
@@ -265,7 +274,7 @@ class ConnectionTable:
                 continue
             c.missing = 0
             if c.preexisting:
-                c.rec = replaced(r, {i: k[i] for i in (TS_NS, BYTES_SENT, BYTES_RECEIVED, BYTES_RETRANS, SRTT_US,
+                c.rec = replaced(r, {i: k[i] for i in (BYTES_SENT, BYTES_RECEIVED, BYTES_RETRANS, SRTT_US,
                                                         RTTVAR_US, RETRANS_SEGS, STATE)})
             else:
                 # The kernel coalesces data events, so a connection that went quiet right after

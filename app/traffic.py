@@ -1,12 +1,15 @@
 """Traffic totals for Prometheus, per closed connection: low-cardinality (role, close reason), bounded.
 
-Fed once per close by the table (never per event); read at scrape time. Connect latency and RTT are
+Fed once per close by the table (never per event); counted and read at scrape time. Connect latency and RTT are
 histograms of each closed connection's final connect_us and srtt_us.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import Counter
+from functools import partial
+from operator import itemgetter, mul
 
 from app.bpf.event import (
     BYTES_RECEIVED,
@@ -21,6 +24,7 @@ from app.bpf.event import (
     SRTT_US,
     EventRecord,
 )
+from app.speedups import speedups
 
 # Seconds: 25 us (loopback) to 5 s (a SYN retried on a lossy path).
 LATENCY_BUCKETS_S = (0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -37,10 +41,6 @@ class Histogram:
         self.counts = [0] * (len(_BUCKETS_US) + 1)
         self.sum_us = 0
 
-    def observe_us(self, us: int) -> None:
-        self.counts[bisect_left(_BUCKETS_US, us)] += 1
-        self.sum_us += us
-
     def cumulative(self) -> list[tuple[str, int]]:
         out, total = [], 0
         for bound, n in zip((*(repr(b) for b in LATENCY_BUCKETS_S), "+Inf"), self.counts, strict=True):
@@ -49,10 +49,22 @@ class Histogram:
         return out
 
 
+# bisect_left over (0, bucket bounds...): 0 for "no value" (connect_us or srtt_us not known), else 1 + bucket.
+_BOUNDS_WITH_ZERO = (0, *_BUCKETS_US)
+_bucket = partial(bisect_left, _BOUNDS_WITH_ZERO)
+_role_reason = itemgetter(ROLE, CLOSE_REASON)
+_FOLD_AT = 65536   # closes waiting to be counted, at most
+
+
 class TrafficTotals:
-    """Closed connections by role and close reason, their bytes and retransmissions, latency histograms."""
+    """Closed connections by role and close reason, their bytes and retransmissions, latency histograms.
+
+    on_close() only keeps the record (the table calls it per close, on the hot path); the totals are
+    made when read, a batch at a time with C-level map/sum/Counter instead of per-close Python code.
+    """
 
     def __init__(self) -> None:
+        self._pending: list[EventRecord] = []
         self.closed: dict[tuple[str, str], int] = {}
         self.bytes_sent = dict.fromkeys(ROLE_NAMES, 0)
         self.bytes_received = dict.fromkeys(ROLE_NAMES, 0)
@@ -62,14 +74,57 @@ class TrafficTotals:
         self.rtt = {r: Histogram() for r in ROLE_NAMES}
 
     def on_close(self, rec: EventRecord) -> None:
-        role = ROLE_NAMES[rec[ROLE]]
-        key = (role, CLOSE_REASON_NAMES.get(rec[CLOSE_REASON], "unknown"))
-        self.closed[key] = self.closed.get(key, 0) + 1
-        self.bytes_sent[role] += rec[BYTES_SENT]
-        self.bytes_received[role] += rec[BYTES_RECEIVED]
-        self.bytes_retrans[role] += rec[BYTES_RETRANS]
-        self.retrans_segs[role] += rec[RETRANS_SEGS]
-        if rec[CONNECT_US]:
-            self.connect[role].observe_us(rec[CONNECT_US])
-        if rec[SRTT_US]:
-            self.rtt[role].observe_us(rec[SRTT_US])
+        self._pending.append(rec)
+        if len(self._pending) >= _FOLD_AT:
+            self.fold()
+
+    def fold(self) -> None:
+        """Counts the closes kept since the last fold (in C where app._speedups is built)."""
+        recs, self._pending = self._pending, []
+        if not recs:
+            return
+        if speedups is not None:
+            self._add_flat(speedups.traffic_fold(recs, _BUCKETS_US))
+        else:
+            self.fold_py(recs)
+
+    def _add_flat(self, flat: list[int]) -> None:
+        """Adds traffic_fold()'s flat list (its layout is described in app/_speedups.c)."""
+        it = iter(flat)
+        for role in ROLE_NAMES:
+            for reason in range(6):
+                n = next(it)
+                if n:
+                    key = (role, CLOSE_REASON_NAMES.get(reason, "unknown"))
+                    self.closed[key] = self.closed.get(key, 0) + n
+        for totals in (self.bytes_sent, self.bytes_received, self.bytes_retrans, self.retrans_segs):
+            for role in ROLE_NAMES:
+                totals[role] += next(it)
+        for hists in (self.connect, self.rtt):
+            for role in ROLE_NAMES:
+                h = hists[role]
+                for b in range(len(h.counts)):
+                    h.counts[b] += next(it)
+                h.sum_us += next(it)
+
+    def fold_py(self, recs: list[EventRecord]) -> None:
+        """fold() in Python: the reference for the C helper."""
+        for (role, reason), n in Counter(map(_role_reason, recs)).items():
+            key = (ROLE_NAMES[role], CLOSE_REASON_NAMES.get(reason, "unknown"))
+            self.closed[key] = self.closed.get(key, 0) + n
+        roles = list(map(itemgetter(ROLE), recs))   # 0 client, 1 server
+        client, server = ROLE_NAMES
+        for field, totals in ((BYTES_SENT, self.bytes_sent), (BYTES_RECEIVED, self.bytes_received),
+                              (BYTES_RETRANS, self.bytes_retrans), (RETRANS_SEGS, self.retrans_segs)):
+            values = list(map(itemgetter(field), recs))
+            on_servers = sum(map(mul, values, roles))
+            totals[server] += on_servers
+            totals[client] += sum(values) - on_servers
+        for field, hists in ((CONNECT_US, self.connect), (SRTT_US, self.rtt)):
+            values = list(map(itemgetter(field), recs))
+            for (role, b), n in Counter(zip(roles, map(_bucket, values), strict=True)).items():
+                if b:
+                    hists[ROLE_NAMES[role]].counts[b - 1] += n
+            on_servers = sum(map(mul, values, roles))
+            hists[server].sum_us += on_servers
+            hists[client].sum_us += sum(values) - on_servers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -43,6 +44,8 @@ from session import TracerSession
 # The two subscribers the issue asks to keep up: every event in batches of up to 256 per message,
 # and the API's default one-event-per-message mode, filtered to closes.
 TRACER_QUERIES = {"conn-tracer/batch": "batch=256", "conn-tracer/close": "type=close"}
+# --baseline REV: the same serve + batch subscriber from another commit's tree, side by side.
+BASELINE = "baseline/batch"
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Context:
     churn: Churn
     prof: Profile
     bpf_stats: bool = True
+    baseline_tree: Path | None = None
 
 
 def _events_total(stats: dict[str, Any]) -> int:
@@ -74,7 +78,16 @@ def run_conn_tracer(ctx: Context, rnd: int, cfg: str) -> dict[str, Any]:
     phases = (("low", prof.low_rate, prof.low_s), ("rate", prof.latency_rate, prof.latency_s),
               ("max", 0.0, prof.churn_s))
     ports = {name: free_port() for name, _, _ in phases}
-    sess = TracerSession(list(ports.values()), f"r{rnd}-{cfg}", TRACER_QUERIES[cfg])
+    if cfg == BASELINE:
+        if ctx.baseline_tree is None:
+            raise Skip("no --baseline given")
+        env = {**os.environ, "PYTHONPATH": str(ctx.baseline_tree), "CONN_TRACER_PIN": "0"}
+        # -P: the baseline tree on PYTHONPATH must win over the current directory (this tree).
+        sess = TracerSession(list(ports.values()), f"r{rnd}-baseline", "batch=256",
+                             [str(VENV_PY), "-P", "-m", "app.cli"], env)
+    else:
+        sess = TracerSession(list(ports.values()), f"r{rnd}-{cfg}", TRACER_QUERIES[cfg],
+                             env={**os.environ, "CONN_TRACER_PIN": "0"})
     res: dict[str, Any] = {"ws_query": sess.ws_query, "phases": {}}
     try:
         sess.start()
@@ -244,6 +257,7 @@ CONFIGS: dict[str, Callable[[Context, int, str], dict[str, Any]]] = {
     "none": run_none,
     "conn-tracer/batch": run_conn_tracer,
     "conn-tracer/close": run_conn_tracer,
+    BASELINE: run_conn_tracer,
     "tcplife": run_peer,
     "tcpstates": run_peer,
     "floor": run_counting,

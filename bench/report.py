@@ -12,6 +12,7 @@ from typing import Any
 from harness import STATE_CHANGES_PER_CONN, Profile, expected_closes
 
 TRACERS = ("conn-tracer/batch", "conn-tracer/close")
+SHOWN_TRACERS = (*TRACERS, "baseline/batch")   # the baseline is shown, not held to the targets
 PEERS = ("tcplife", "tcpstates")
 COUNTING = ("floor", "bare")
 PHASES = ("low", "rate", "max")
@@ -125,7 +126,7 @@ def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: di
         if cfg != "none":
             d["cpu_us_per_conn"] = med([_per_conn_us(r["cpu_s"], r["churn"]) for r in rs])
             d["bpf"] = summarise_bpf([r.get("bpf") for r in rs])
-        if cfg in TRACERS:
+        if cfg in SHOWN_TRACERS:
             d.update(_tracer(rs))
         elif cfg in PEERS:
             d.update(_peer(cfg, rs))
@@ -134,7 +135,7 @@ def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: di
         s["configs"][cfg] = d
     floor = s["configs"].get("floor", {}).get("cpu_us_per_event")
     if floor:
-        s["pipeline_vs_floor"] = {cfg: s["configs"][cfg]["cpu_us_per_event"] / floor for cfg in TRACERS
+        s["pipeline_vs_floor"] = {cfg: s["configs"][cfg]["cpu_us_per_event"] / floor for cfg in SHOWN_TRACERS
                                   if s["configs"].get(cfg, {}).get("cpu_us_per_event")}
     bps: dict[str, list[float]] = {}
     for r in iperf:

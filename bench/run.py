@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import kernel
-from configs import CONFIGS, TRACER_QUERIES, Context
+from configs import BASELINE, CONFIGS, TRACER_QUERIES, Context
 from extras import run_iperf, run_profile, run_rss
-from harness import CONN_TRACER, FULL, QUICK, RESULTS, ROOT, RUNS, VENV_PY, Churn, Skip, build_churn, stop_all
+from harness import BUILD, CONN_TRACER, FULL, QUICK, RESULTS, ROOT, RUNS, VENV_PY, Churn, Skip, build_churn, stop_all
 from report import summarise, targets
 from table import render
 
@@ -58,6 +58,18 @@ def preflight(configs: list[str], bpf_stats: bool) -> dict[str, str]:
     if why:
         print(f"in-kernel BPF time not measured: {why}", flush=True)
     return {k: v for k, v in skip.items() if k in configs}
+
+
+def baseline_worktree(rev: str) -> Path:
+    """A detached worktree of `rev` under bench/build/, with its C helpers built by this venv's Python."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = BUILD / f"baseline-{sha}"
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), sha], check=True,
+                       capture_output=True)
+    subprocess.run([str(VENV_PY), "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, capture_output=True)
+    return tree
 
 
 def run_rounds(ctx: Context, configs: list[str], skipped: dict[str, str]) -> list[dict[str, Any]]:
@@ -116,7 +128,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="2 short rounds, no 1M-connection memory test, no profile")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--churn-seconds", type=float, help="length of each max-rate churn")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="subset of " + ",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(c for c in CONFIGS if c != BASELINE),
+                    help="subset of " + ",".join(CONFIGS))
     ap.add_argument("--no-bpf-stats", dest="bpf_stats", action="store_false",
                     help="do not switch kernel.bpf_stats_enabled on during the max-rate churns (no BPF figures)")
     ap.add_argument("--skip-iperf", action="store_true")
@@ -126,6 +139,8 @@ def parse_args() -> argparse.Namespace:
                     help="py-spy on serve during a churn of this many seconds (default: 10 full, 0 quick)")
     ap.add_argument("--save-reference", action="store_true",
                     help="also write bench/results/reference.json/.txt, the run the README quotes (a full run)")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also run serve from git revision REV (a worktree under bench/build/), side by side")
     ap.add_argument("--report", type=Path, metavar="RUN.json",
                     help="measure nothing: print the table of a saved run (with --save-reference: make it the "
                          "reference)")
@@ -160,14 +175,16 @@ def main() -> int:
         prof.rss_count = 0
     if args.profile is None:
         args.profile = 0 if args.quick else 10
-    configs = [c for c in CONFIGS if c in args.configs.split(",")]  # table order
+    wanted = args.configs.split(",") + ([BASELINE] if args.baseline else [])
+    configs = [c for c in CONFIGS if c in wanted]  # table order
+    baseline_tree = baseline_worktree(args.baseline) if args.baseline else None
 
     started = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
     skipped = preflight(configs, args.bpf_stats)
     for cfg, why in skipped.items():
         print(f"skip {cfg}: {why}", flush=True)
-    ctx = Context(Churn(build_churn(), prof), prof, args.bpf_stats)
+    ctx = Context(Churn(build_churn(), prof), prof, args.bpf_stats, baseline_tree)
     iperf: list[dict[str, Any]] = []
     rss: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None

@@ -61,8 +61,12 @@ class SubscriberProc:
 class TracerSession:
     """`conn-tracer serve` plus one WebSocket subscriber, with start-up timings."""
 
-    def __init__(self, ports: list[int], name: str, ws_query: str) -> None:
+    def __init__(self, ports: list[int], name: str, ws_query: str, serve_cmd: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.ws_query = ws_query  # "batch=256", "type=close", "" (per-message, everything)
+        # How to run conn-tracer: this tree's console script, or (--baseline) another tree's app.cli.
+        self.serve_cmd = serve_cmd or [str(CONN_TRACER)]
+        self.env = env
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
         self.probe_port = free_port()
@@ -73,15 +77,15 @@ class TracerSession:
         self.startup: dict[str, Any] = {}
 
     def start(self) -> None:
-        if not CONN_TRACER.exists():
+        if self.serve_cmd == [str(CONN_TRACER)] and not CONN_TRACER.exists():
             raise Skip(f"{CONN_TRACER} not installed")
         # The subscriber starts first and retries, so its own start-up is not in the figure.
         query = f"?{self.ws_query}" if self.ws_query else ""
         self.sub = SubscriberProc(f"ws://127.0.0.1:{self.http_port}/ws{query}", self.ports + [self.probe_port],
                                   f"{self.name}-subscriber")
         time.sleep(0.5)
-        self.serve = Proc(f"{self.name}-serve", [str(CONN_TRACER), "serve", "--host", "127.0.0.1",
-                                                 "--port", str(self.http_port)])
+        self.serve = Proc(f"{self.name}-serve", [*self.serve_cmd, "serve", "--host", "127.0.0.1",
+                                                 "--port", str(self.http_port)], env=self.env)
         spawn = self.serve.spawn_ns
         serve = self.serve
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from report import COUNTING, PEERS, TRACERS
+from report import COUNTING, PEERS, SHOWN_TRACERS, TRACERS
 
 
 def fmt(v: Any, nd: int = 3) -> str:
@@ -49,7 +49,7 @@ def _phases(c: dict[str, Any]) -> list[str]:
            f"{'lost_k':>7} {'dropped':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99 max':>7} "
            f"{'us/conn':>7} {'us/ev':>6} {'ev/conn':>7}")
     out.append(hdr)
-    for cfg in TRACERS:
+    for cfg in SHOWN_TRACERS:
         for name, p in c.get(cfg, {}).get("phases", {}).items():
             out.append(f"  {cfg:<18} {name:<5} {fmt(p['rate_limit'] or None, 0):>7} {fmt(p['rate'], 0):>6} "
                        f"{fmt(p['completeness'], 4):>8} {fmt(p['completeness_min'], 3):>6} "
@@ -58,7 +58,7 @@ def _phases(c: dict[str, Any]) -> list[str]:
                        f"{fmt(p['latency_p99_ms'], 1):>7} {fmt(p['latency_p99_ms_worst'], 1):>7} "
                        f"{fmt(p['cpu_us_per_conn'], 1):>7} {fmt(p['cpu_us_per_event'], 2):>6} "
                        f"{fmt(p['events_per_conn'], 2):>7}")
-    for cfg in TRACERS:
+    for cfg in SHOWN_TRACERS:
         ct = c.get(cfg)
         if not ct:
             continue

@@ -134,8 +134,10 @@ def test_preexisting_from_sockdiag_records() -> None:
     # A sweep that does not see p2 twice in a row ends it with a close of unknown reason.
     later = time.monotonic_ns() + 10**9   # sock_diag records start now
     kernel = {conn_key(c9): c9}
-    assert t.converge(kernel, set(), later, later) == []
-    (close,) = t.converge(kernel, set(), later, later + 1)
+    asked = t.quiet_keys(later)
+    assert asked == {conn_key(c9), *(conn_key(r) for r in items if r[STATE] != 6 and r[STATE] != 10)}
+    assert t.converge(kernel, asked, later, later) == []
+    (close,) = t.converge(kernel, asked, later, later + 1)
     t.apply(close)
     p2 = t.get("p2")
     assert p2 is not None and (p2.state, p2.close_reason) == ("CLOSE", "unknown") and p2.closed_at is not None
@@ -148,11 +150,14 @@ def test_sweep_corrects_states_and_spares_unreadable_namespaces() -> None:
     t.apply(ev("established", 2, 0, netns=6, src_port=41000))
     kernel_view = replaced(ev("established", 1, 0, netns=5), {STATE: TCP_STATE_NUMBERS["CLOSE_WAIT"]})
     later = T0_NS + 10**12
-    for _ in range(3):   # c2's namespace could not be read: it stays open
-        assert t.converge({conn_key(kernel_view): kernel_view}, {6}, later, later) == []
+    asked = {conn_key(kernel_view)}   # c2 was not asked about (its namespace could not be read)
+    for _ in range(3):   # so it stays open
+        assert t.converge({conn_key(kernel_view): kernel_view}, asked, later, later) == []
     got = {c.id: c.state for c in t.query("open")}
     assert got == {"c1": "CLOSE_WAIT", "c2": "ESTABLISHED"}
     # A connection that began after the sweep started is not judged by it.
-    t.apply(ev("established", 3, 0, start_ms=10**9, netns=5, src_port=42000))
-    assert t.converge({conn_key(kernel_view): kernel_view}, {6}, later, later) == []
-    assert t.converge({conn_key(kernel_view): kernel_view}, {6}, later, later) == []
+    c3 = ev("established", 3, 0, start_ms=10**9, netns=5, src_port=42000)
+    t.apply(c3)
+    asked.add(conn_key(c3))
+    assert t.converge({conn_key(kernel_view): kernel_view}, asked, later, later) == []
+    assert t.converge({conn_key(kernel_view): kernel_view}, asked, later, later) == []

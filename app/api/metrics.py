@@ -94,6 +94,7 @@ class CoreCollector(Collector):
 def traffic_metrics(core: Core) -> Iterator[Metric]:
     """What the network did: connections opened/closed, bytes, retransmissions, connect latency and RTT."""
     tr = core.table.traffic
+    tr.fold()
     counts = core.hub.counts
     opened = CounterMetricFamily("conn_tracer_connections_opened", "Connections opened (syn_sent/syn_recv seen)",
                                  labels=["role"])
