@@ -118,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host-name", metavar="NAME", help="this agent's name on every event (default: the hostname)")
     serve.add_argument("--filter-netns", metavar="PATH|INODE",
                        help="only this network namespace: an inode number or a path (in-kernel)")
+    serve.add_argument("--max-subscribers", type=int, metavar="N", help="concurrent WebSocket subscribers (default 64)")
+    serve.add_argument("--token-file", type=Path, metavar="PATH",
+                       help="file holding the bearer token (or set CONN_TRACER_TOKEN)")
+    serve.add_argument("--insecure-no-token", action="store_true", default=None,
+                       help="allow a non-loopback --host without a token")
+    serve.add_argument("--allow-host", dest="allowed_hosts", action="append", metavar="NAME",
+                       help="also answer to this Host name (repeatable)")
+    serve.add_argument("--allow-origin", dest="allowed_origins", action="append", metavar="ORIGIN",
+                       help="also accept WebSockets from this origin, e.g. https://grafana.example (repeatable)")
+    serve.add_argument("--tls-cert", type=Path, metavar="PATH", help="serve HTTPS with this certificate (PEM)")
+    serve.add_argument("--tls-key", type=Path, metavar="PATH", help="the certificate's private key (PEM)")
     _add_config(serve)
     _add_nats(serve, "export every event to NATS JetStream at this URL, e.g. nats://HOST:4222")
     serve.add_argument("--nats-buffer-events", type=int, metavar="N",

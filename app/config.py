@@ -9,7 +9,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 CONFIG_ENV = "CONN_TRACER_CONFIG"
@@ -49,7 +49,7 @@ class Settings(BaseSettings):
 
     # In-kernel filters (0 / None = off).
     filter_port: int = Field(0, ge=0, le=65535)
-    filter_pid: int = Field(0, ge=0)
+    filter_pid: int = Field(0, ge=0, le=4_194_304)   # the kernel's largest pid_max
     filter_family: Literal[4, 6] | None = None
     # A network namespace: its inode number, or a path to it (/proc/PID/ns/net, /run/netns/NAME).
     filter_netns: str | None = None
@@ -65,13 +65,14 @@ class Settings(BaseSettings):
     host_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=253)
 
     # Kernel side.
-    data_queue_interval_ms: float = Field(100.0, ge=0)
+    data_queue_interval_ms: float = Field(100.0, ge=0, le=60_000)
     # auto: kprobe on tcp_data_queue where kprobes work, else the sk_data_ready tracepoint.
     data_queue_hook: Literal["auto", "kprobe", "tracepoint"] = "auto"
     state_events: bool = False
     # 16 MiB: at this machine's max churn it holds ~2 s of events for a reader that falls behind.
-    ringbuf_pages: int = Field(4096, ge=1, description="ring buffer size in pages; a power of two")
-    max_sockets: int = Field(65536, ge=16, description="LRU map of tracked sockets")
+    # Upper bounds here: a huge value used to overflow in the kernel build and fail with a misleading message.
+    ringbuf_pages: int = Field(4096, ge=1, le=262_144, description="ring buffer pages; a power of two (<= 1 GiB)")
+    max_sockets: int = Field(65536, ge=16, le=16_777_216, description="LRU map of tracked sockets")
     btf_path: Path = Path("/sys/kernel/btf/vmlinux")
     tracefs_path: Path = Path("/sys/kernel/tracing")
     debugfs_path: Path = Path("/sys/kernel/debug")
@@ -83,12 +84,13 @@ class Settings(BaseSettings):
     instance: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
     # User side bounds.
-    max_closed_connections: int = Field(10_000, ge=0)
-    replay_events: int = Field(100_000, ge=1)
+    max_closed_connections: int = Field(10_000, ge=0, le=10_000_000)
+    replay_events: int = Field(100_000, ge=1, le=50_000_000)
     # How far a subscriber may fall behind before it loses its oldest events. A subscriber is a
     # cursor into the replay buffer, so this costs no memory of its own; capped at replay_events.
-    subscriber_queue_events: int = Field(100_000, ge=1)
-    max_open_connections: int = Field(262_144, ge=1, description="bounds the table if close events are lost")
+    subscriber_queue_events: int = Field(100_000, ge=1, le=50_000_000)
+    max_open_connections: int = Field(262_144, ge=1, le=16_777_216,
+                                      description="bounds the table if close events are lost")
 
     # Connections open before start-up, from sock_diag (every network namespace).
     preexisting: bool = True
@@ -112,6 +114,32 @@ class Settings(BaseSettings):
 
     # The dashboard's static files; None = the web/ folder next to the app package.
     web_dir: Path | None = None
+
+    # Access (README "Security and reliability"). A token is required whenever `host` is not loopback.
+    token: SecretStr | None = Field(None, description="bearer token (CONN_TRACER_TOKEN); token_file wins if both")
+    token_file: Path | None = Field(None, description="file holding the bearer token")
+    insecure_no_token: bool = Field(False, description="serve a non-loopback address without a token")
+    # Host names (beyond the bind address and localhost) and origins (beyond the page's own) accepted;
+    # "*" accepts any. Defeat DNS rebinding and cross-site WebSocket reads.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    allowed_origins: list[str] = Field(default_factory=list)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    # WebSocket robustness: concurrent subscribers (more are closed with 1013), and keepalive pings
+    # (a client that does not answer within the timeout is closed; 0 = no pings).
+    max_subscribers: int = Field(64, ge=1, le=100_000)
+    # Connections the kernel queues for us until we accept them (uvicorn's default).
+    listen_backlog: int = Field(2048, ge=1, le=65_535)
+    ws_ping_interval_s: float = Field(20.0, ge=0, le=3600)
+    ws_ping_timeout_s: float = Field(20.0, gt=0, le=3600)
+
+    @field_validator("ringbuf_pages")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two, got {v}")
+        return v
 
     # Export to NATS JetStream (serve --nats) and the fleet view that reads it (conn-tracer fleet).
     nats_url: str | None = Field(None, description="nats://HOST:4222 (comma-separated for a cluster); None = off")

@@ -112,11 +112,18 @@ class Filter:
         return combine(preds)
 
 
+def plain_int(raw: str) -> int:
+    """ASCII digits only: int() would also take "1_000", "+80", " 80" and non-ASCII digits. Raises ValueError."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 30:
+        raise ValueError(f"{raw!r} is not a plain decimal integer")
+    return int(raw)
+
+
 def _int(param: str, raw: str, lo: int, hi: int) -> int:
     try:
-        n = int(raw)
-    except ValueError:
-        raise FilterError(param, f"{raw!r} is not an integer") from None
+        n = plain_int(raw)
+    except ValueError as exc:
+        raise FilterError(param, str(exc)) from None
     if not lo <= n <= hi:
         raise FilterError(param, f"{n} is not in {lo}..{hi}")
     return n

@@ -62,6 +62,7 @@ class Subscriber:
         self.delivered = 0
         self.closed = False
         self.close_code: int | None = None  # set when the service asks it to go away
+        self.done = asyncio.Event()   # set once closed: wakes a sender waiting for socket room
         self._wake = asyncio.Event()
         if overwritten or cursor <= hub.seq:
             self._wake.set()
@@ -115,14 +116,14 @@ class Subscriber:
         self.delivered += len(out)
         return out
 
-    async def next_batch(self) -> list[str]:
-        """Waits until something is deliverable, then takes it; [] once closed."""
+    async def next_batch(self, max_events: int = 1024) -> list[str]:
+        """Waits until something is deliverable, then takes it (at most `max_events` events); [] once closed."""
         # Yield once per batch even when more is ready, so the ring-buffer reader and HTTP handlers
         # interleave with a fast subscriber instead of waiting for its whole backlog.
         await asyncio.sleep(0)
         while not self.closed:
             await self._wake.wait()
-            batch = self.take()
+            batch = self.take(max_events)
             if batch:
                 return batch
         return []
@@ -150,6 +151,7 @@ class EventHub:
         self.seq = 0
         self._counts: dict[int, int] = dict.fromkeys(EVENT_TYPE_NAMES, 0)
         self.dropped_subscribers = 0
+        self.refused_subscribers = 0   # turned away at max_subscribers (counted by the WebSocket route)
         self.subscribers: list[Subscriber] = []
         self.next_subscriber_id = 0
 
@@ -274,6 +276,7 @@ class EventHub:
     def unsubscribe(self, sub: Subscriber) -> None:
         sub.closed = True
         sub._wake.set()
+        sub.done.set()
         if sub in self.subscribers:
             self.subscribers.remove(sub)
 

@@ -109,7 +109,8 @@ def api() -> Iterator[tuple[TestClient, FakeSource]]:
         sources.append(FakeSource(settings))
         return sources[-1]
 
-    settings = Settings(preexisting=False, max_closed_connections=100, replay_events=50)
+    # TestClient says "Host: testserver"; the service answers only to the names it is told.
+    settings = Settings(preexisting=False, max_closed_connections=100, replay_events=50, allowed_hosts=["testserver"])
     with TestClient(create_app(settings, tracer_factory=factory)) as client:
         src = sources[0]
         # Two connections on port 8080 (client c1 pid 100 and server c2 pid 200, IPv4, closed),

@@ -429,7 +429,8 @@ def test_fleet_metrics_count_every_hosts_closes() -> None:
         core.apply_message(_message(host, [(1, ev("syn_sent", 1, 0)),
                                            (2, ev("close", 1, 2, bytes_sent=10, srtt_us=srtt, close_reason=1))]),
                            {"Conntracer-Host": host, "Conntracer-Run": "r"}, f"conntracer.{host}.events")
-    client = TestClient(create_app(core=core))   # no lifespan: nothing to connect to
+    # No lifespan: nothing to connect to. localhost: the service answers only Host names it serves.
+    client = TestClient(create_app(core=core), base_url="http://localhost")
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for m in text_string_to_metric_families(client.get("/metrics").text) for s in m.samples}
     assert samples[("conn_tracer_fleet_host_events_total", (("host", "hostA"),))] == 2

@@ -7,14 +7,14 @@ import { download, exportRow, fileStamp, toCSV, toJSON } from './export.js';
 import { humanBytes, humanCount } from './format.js';
 import { ServerHistory } from './history.js';
 import { LIMITS, Store } from './store.js';
-import { Stream } from './stream.js';
+import { Stream, withToken } from './stream.js';
 import { ConnTable } from './table.js';
 import { renderTalkers } from './talkers.js';
 
 // The API lives at the root this directory is mounted under (/static/ or /web/), or beside us.
 const here = new URL('.', import.meta.url);
 const API = /\/(static|web)\/$/.test(here.pathname) ? new URL('..', here) : here;
-const api = (path) => new URL(path, API);
+const api = (path) => withToken(new URL(path, API));
 
 const POLL_MS = 2000;
 const HISTORY_POLL_MS = 1000;

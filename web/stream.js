@@ -2,6 +2,14 @@
 // so an outage loses nothing that is still in the server's replay buffer.
 
 const BACKOFF_MIN_MS = 500;
+
+/** `url` with the page's own ?token= (if it was opened with one), for the API and /ws. */
+export function withToken(url) {
+  const token = new URLSearchParams(location.search).get('token');
+  const u = new URL(url);
+  if (token) u.searchParams.set('token', token);
+  return u;
+}
 const BACKOFF_MAX_MS = 15_000;
 
 export class Stream {
@@ -31,7 +39,7 @@ export class Stream {
     // Arrays of up to 256 events per message: on a busy host one message per event costs the
     // server ~4 us each and the page one callback each (README, "What a subscriber costs").
     u.searchParams.set('batch', '256');
-    return u.toString();
+    return withToken(u).toString();
   }
 
   connect() {

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -17,6 +18,7 @@ from app.api.docs import add_offline_redoc, add_ws_to_openapi
 from app.api.frames import RawSendMiddleware
 from app.api.metrics import make_registry
 from app.api.routes import connections, events, history, status, web, ws
+from app.api.security import Guard, load_token
 from app.config import Settings
 from app.service import Core, TracerFactory, default_tracer_factory
 
@@ -39,18 +41,22 @@ def validation_message(exc: RequestValidationError) -> str:
 async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     # Keep FastAPI's `detail` (loc names the parameter) and add a readable one-line message.
-    return JSONResponse({"detail": exc.errors(), "message": validation_message(exc)}, status_code=422)
+    # jsonable_encoder: a custom validator's error carries its exception object in `ctx`.
+    return JSONResponse({"detail": jsonable_encoder(exc.errors()), "message": validation_message(exc)},
+                        status_code=422)
 
 
 def create_app(settings: Settings | None = None, tracer_factory: TracerFactory = default_tracer_factory,
                core: Core | None = None) -> FastAPI:
     """Builds the app; the lifespan opens the tracer at start-up and closes it at shutdown.
 
-    `core` serves an already built service instead (the fleet view: app.fleet.FleetCore).
+    `core` serves an already built service instead (the fleet view: app.fleet.FleetCore). Raises
+    AccessError if the token settings are unusable (serve checks them first, in one line).
     """
     if core is not None:
         settings = core.settings
     settings = settings or Settings.model_validate({})
+    token = load_token(settings)
     core = core or Core(settings, tracer_factory)
 
     @asynccontextmanager
@@ -59,7 +65,7 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
         try:
             yield
         finally:
-            await core.close_websockets(1001)
+            await core.close_websockets(1001, timeout_s=1.0)   # serve's SIGTERM handler has done it already
             core.stop()
             await core.aclose()
 
@@ -74,6 +80,8 @@ def create_app(settings: Settings | None = None, tracer_factory: TracerFactory =
     app.state.web_dir = web_dir
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_middleware(RawSendMiddleware)
+    # Outermost: nothing reaches a route (or the dashboard) before Host, Origin and token are checked.
+    app.add_middleware(Guard, settings=settings, token=token, index_html=web_dir / "index.html")
     for r in (connections.router, events.router, status.router, history.router, ws.router, web.router):
         app.include_router(r)
     add_ws_to_openapi(app)

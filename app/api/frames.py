@@ -9,6 +9,7 @@ Anywhere else (another server, the test client) each message is one ASGI send, a
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -16,6 +17,15 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 RAW_SEND = "conn_tracer.raw_send"
 ABNORMAL_CLOSURE = 1006
+MAX_CLOSE_REASON_BYTES = 123   # RFC 6455 5.5: a control frame's payload is <= 125 bytes, 2 of them the code
+
+
+def cut_reason(reason: str) -> str:
+    """`reason` cut to what a close frame can carry (123 bytes of UTF-8), on a character boundary."""
+    raw = reason.encode("utf-8", "replace")
+    if len(raw) <= MAX_CLOSE_REASON_BYTES:
+        return reason
+    return raw[:MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
 class RawSendMiddleware:
@@ -50,6 +60,39 @@ class TextFrames:
     @property
     def batched(self) -> bool:
         return self._proto is not None
+
+    @property
+    def gone(self) -> bool:
+        """True once the connection is known to be closed or closing (sansio protocol only)."""
+        proto = self._proto
+        return proto is not None and (proto.disconnected or proto.close_sent or proto.transport.is_closing())
+
+    async def wait_writable(self, stop: asyncio.Event) -> bool:
+        """Waits until the socket buffer has room or `stop` is set; True if a write may follow.
+
+        Data is taken from the hub only once it can be written, so a client that stops reading
+        holds no more than the transport's buffer, not a batch of events as well.
+        """
+        proto = self._proto
+        if proto is None:
+            return not stop.is_set()
+        if not proto.writable.is_set() and not stop.is_set():
+            waiters = {asyncio.ensure_future(proto.writable.wait()), asyncio.ensure_future(stop.wait())}
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+        return not stop.is_set() and not self.gone
+
+    async def close(self, code: int, reason: str) -> None:
+        """Closes with `code`; a client that does not read (full buffer) is cut off at once instead."""
+        proto = self._proto
+        if proto is not None and not proto.writable.is_set():
+            # The close frame could never reach it, and uvicorn's close would wait for room forever.
+            proto.transport.abort()
+            return
+        await self.websocket.close(code=code, reason=cut_reason(reason))
 
     async def send(self, texts: list[str]) -> None:
         """Each text as its own message; raises WebSocketDisconnect if the client is gone."""

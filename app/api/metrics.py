@@ -77,6 +77,8 @@ class CoreCollector(Collector):
         # a counter, exposed as conn_tracer_seq_total, so rate() works on it.
         yield CounterMetricFamily("conn_tracer_seq", "Seq of the latest event (events numbered since start)",
                                   value=hub.seq)
+        yield CounterMetricFamily("conn_tracer_refused_subscribers",
+                                  "WebSocket subscribers turned away at max_subscribers", value=hub.refused_subscribers)
         gauges = (
             ("conn_tracer_connections_open", "Open connections in the table", table.open_count),
             ("conn_tracer_connections_closed_kept", "Closed connections held in history", table.closed_count),

@@ -57,6 +57,7 @@ class Stats(BaseModel):
     connections_closed_kept: int = Field(description="closed connections still held (max_closed_connections)")
     connections_preexisting: int = Field(description="connections read from sock_diag at start-up, still open")
     subscribers: int = Field(description="WebSocket subscribers connected now")
+    refused_subscribers: int = Field(0, description="WebSocket subscribers turned away at max_subscribers (1013)")
     seq: int = Field(description="seq of the latest event")
     replay_events_held: int = Field(description="events held in the replay buffer (replay_events)")
     replay_first_seq: int = Field(description="seq of the oldest event held")

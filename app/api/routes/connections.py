@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
-from app.api.deps import CoreDep
+from app.api.deps import CoreDep, PlainInt
 from app.filters import FAMILY_ALIASES, Filter
 from app.models import Connection, Event
 
@@ -14,8 +14,8 @@ from app.models import Connection, Event
 # touches the table and the hub (a plain `def` would run in a worker thread, racing the reader).
 router = APIRouter(tags=["connections"])
 
-PortQ = Annotated[int | None, Query(ge=1, le=65535, description="local or remote port")]
-PidQ = Annotated[int | None, Query(ge=1, le=2**31 - 1, description="owning process id")]
+PortQ = Annotated[PlainInt | None, Query(ge=1, le=65535, description="local or remote port")]
+PidQ = Annotated[PlainInt | None, Query(ge=1, le=2**31 - 1, description="owning process id")]
 FamilyQ = Annotated[Literal["ipv4", "ipv6", "4", "6"] | None, Query(description="address family (4 and 6 also)")]
 RoleQ = Annotated[Literal["client", "server"] | None, Query(description="client = active open")]
 HostQ = Annotated[str | None, Query(min_length=1, max_length=253, description="only this host (fleet view)")]
@@ -30,7 +30,7 @@ async def list_connections(
     family: FamilyQ = None,
     role: RoleQ = None,
     host: HostQ = None,
-    limit: Annotated[int, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,
+    limit: Annotated[PlainInt, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,
 ) -> list[Connection]:
     """Connections, newest activity first; closed ones while held in the bounded history."""
     fam = FAMILY_ALIASES.get(family, family) if family is not None else None
@@ -53,7 +53,7 @@ async def get_connection(core: CoreDep, conn_id: str) -> Connection:
 async def connection_events(
     core: CoreDep,
     conn_id: str,
-    limit: Annotated[int, Query(ge=0, le=1_000_000, description="at most the newest this many")] = 1000,
+    limit: Annotated[PlainInt, Query(ge=0, le=1_000_000, description="at most the newest this many")] = 1000,
 ) -> Response:
     """That connection's events still held in the replay buffer, oldest first ([] once they have all left it)."""
     key = core.conn_key(conn_id)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from app.api.deps import CoreDep
+from app.api.deps import CoreDep, PlainInt
 from app.api.routes.connections import HostQ
 from app.filters import Filter
 from app.models import Event
@@ -17,8 +17,8 @@ router = APIRouter(tags=["events"])
 @router.get("/events", response_model=list[Event])
 async def list_events(
     core: CoreDep,
-    after: Annotated[int, Query(ge=0, description="only events with a larger seq")] = 0,
-    limit: Annotated[int, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,
+    after: Annotated[PlainInt, Query(ge=0, description="only events with a larger seq")] = 0,
+    limit: Annotated[PlainInt, Query(ge=0, le=1_000_000, description="at most this many")] = 1000,
     host: HostQ = None,
 ) -> Response:
     """Events still held in the bounded replay buffer, oldest first."""

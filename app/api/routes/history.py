@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from app.api.deps import CoreDep
+from app.api.deps import CoreDep, PlainInt
 
 router = APIRouter(tags=["status"])
 
@@ -31,8 +31,8 @@ class HistoryColumns(BaseModel):
 @router.get("/history", response_model=HistoryColumns)
 async def history(
     core: CoreDep,
-    after: Annotated[int, Query(ge=0, description="only seconds after this one (Unix epoch seconds)")] = 0,
-    seconds: Annotated[int, Query(ge=1, le=7 * 86400, description="at most the newest this many seconds")] = 3600,
+    after: Annotated[PlainInt, Query(ge=0, description="only seconds after this one (Unix epoch seconds)")] = 0,
+    seconds: Annotated[PlainInt, Query(ge=1, le=7 * 86400, description="at most the newest this many seconds")] = 3600,
 ) -> HistoryColumns:
     """Per-second counters sampled from /stats and the table, newest `seconds` (the service keeps history_seconds)."""
     return HistoryColumns.model_validate({"interval_s": 1, **core.history.since(after, seconds)})

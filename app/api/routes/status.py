@@ -28,6 +28,7 @@ async def stats(core: CoreDep) -> Stats:
         connections_closed_kept=table.closed_count,
         connections_preexisting=table.preexisting_count,
         subscribers=len(hub.subscribers),
+        refused_subscribers=hub.refused_subscribers,
         seq=hub.seq,
         replay_events_held=hub.held,
         replay_first_seq=hub.first_seq,
