@@ -63,7 +63,9 @@ class CgroupPaths:
                 ino = os.stat(dirpath).st_ino
             except OSError:
                 continue   # removed while walking
-            rel = dirpath[len(root):] or "/"
+            # A directory name that is not UTF-8 (a delegated subtree's owner may make one) comes back
+            # surrogate-escaped from os.walk and would not serialise: shown with replacement characters.
+            rel = (dirpath[len(root):] or "/").encode(errors="surrogateescape").decode(errors="replace")
             found[ino] = rel
             if len(found) >= MAX_CACHED:
                 break

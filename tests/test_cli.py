@@ -371,3 +371,15 @@ def test_serve_on_a_taken_port_exits_1_in_one_line_before_loading_bpf() -> None:
     assert lines == [f"conn-tracer: port {port} on 127.0.0.1 is already in use (another conn-tracer serve?); "
                      f"stop that process or choose another port with --port N (CONN_TRACER_PORT)"]
     assert out == b""
+
+
+@pytest.mark.parametrize("command", [["check"], ["serve", "--port", "0"], ["trace"]])
+def test_non_root_gets_one_line_naming_root_and_exit_1(command: list[str]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", str(CONN_TRACER),
+                        *command], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "root" in lines[0] and "fix: run as root" in lines[0], r.stderr

@@ -131,20 +131,28 @@ def _mount(fstype: str, target: Path) -> str | None:
     return None if res.returncode == 0 else (res.stderr.strip() or f"mount exited {res.returncode}")
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists() that says False where we may not look (tracefs is root-only): the root check names that."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _check_fs(name: str, fstype: str, path: Path, probe: Path, mount: bool) -> Check:
-    if probe.exists():
+    if _exists(probe):
         return Check(name, True, f"{path} mounted")
     fix = f"mount -t {fstype} {'nodev' if fstype == 'tracefs' else 'none'} {path}"
     if mount and os.geteuid() == 0:
         err = _mount(fstype, path)
-        if err is None and probe.exists():
+        if err is None and _exists(probe):
             return Check(name, True, f"{path} was not mounted; mounted it")
         return Check(name, False, f"{path} not mounted and mounting failed ({err})", fix)
     return Check(name, False, f"{path} not mounted", fix)
 
 
 def _kprobes_available(tracefs: Path) -> bool:
-    if not (tracefs / "kprobe_events").exists():
+    if not _exists(tracefs / "kprobe_events"):
         return False   # CONFIG_KPROBES / CONFIG_KPROBE_EVENTS not set
     try:
         with open("/proc/kallsyms", "rb") as f:
@@ -187,7 +195,7 @@ def check_host(settings: Settings, mount: bool = True) -> HostReport:
     rep.kprobes = hook == "kprobe" or (hook == "auto" and have_kprobes)
     needed = list(BASE_TRACEPOINTS) + ([] if rep.kprobes else [DATA_QUEUE_TRACEPOINT])
     missing = [f"{TRACEPOINT_CATEGORY}:{tp}" for tp, _ in needed
-               if not (tracefs / "events" / TRACEPOINT_CATEGORY / tp / "format").exists()]
+               if not _exists(tracefs / "events" / TRACEPOINT_CATEGORY / tp / "format")]
     add(Check("tracepoints", not missing, "missing " + ", ".join(missing) if missing
               else "all needed tracepoints present", "a kernel >= 6.1 with CONFIG_BPF_EVENTS=y is needed"))
 
