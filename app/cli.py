@@ -458,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         err = exc.errors()[0]
         print(f"conn-tracer: invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
-    from app.bpf.loader import TracerError
+    from app.bpf.loader import TracerError, check_host
 
     try:
         if args.command == "check":
@@ -473,6 +473,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from app.fleet import FleetCore
 
             return run(settings, FleetCore(settings))
+        if os.geteuid() != 0:
+            # Said before anything is built or bound (the tracer would say the same, later).
+            print(f"conn-tracer: cannot trace: {check_host(settings, mount=False).first_failure()}", file=sys.stderr)
+            return 1
         if args.command == "trace":
             return asyncio.run(_trace(settings, args))
         from app.api.server import run
