@@ -220,23 +220,32 @@ class Core:
 
     def _restore(self, tracer: Source) -> None:
         """Lists again the connections an earlier run left in the pinned socket map, with their ids, roles,
-        owners and start times; entries of sockets that closed meanwhile are dropped from the map."""
+        owners and start times, in the state the kernel reports now; entries of sockets that closed meanwhile
+        (or whose namespace is gone) are dropped from the map."""
         tracked = tracer.tracked_sockets()
+        by_netns: dict[int, list[sockdiag.SocketId]] = {}
+        for _key, rec in tracked:
+            by_netns.setdefault(rec[NETNS], []).append(conn_key(rec)[1:])
         try:
-            alive = {conn_key(r): r for r in sockdiag.preexisting(sockdiag.dump(), {})}
+            found, failed = sockdiag.lookup(by_netns)
+            existing = set(sockdiag.namespaces())
         except OSError as exc:
-            log.warning("sock_diag dump failed, restored connections not checked: %s", exc)
-            alive = None
-        own_netns = sockdiag.current_netns()
+            log.warning("sock_diag failed, restored connections not checked: %s", exc)
+            found, failed, existing = {}, dict.fromkeys(by_netns, str(exc)), set(by_netns)
         keep, gone = [], []
         for key, rec in tracked:
-            if alive is not None and rec[NETNS] == own_netns:
-                now = alive.get(conn_key(rec))
-                if now is None:
-                    gone.append(key)
-                    continue
-                rec = (*rec[:STATE], now[STATE], *rec[STATE + 1:])
-            keep.append(rec)
+            netns = rec[NETNS]
+            if netns in failed:
+                if netns in existing:
+                    keep.append(rec)   # there, but not readable now: the sweep decides later
+                else:
+                    gone.append(key)   # the namespace itself is gone, and its sockets with it
+                continue
+            d = found.get((netns, conn_key(rec)[1:]))
+            if d is None:
+                gone.append(key)
+                continue
+            keep.append((*rec[:STATE], d.state, *rec[STATE + 1:]))
         tracer.forget_sockets(gone)
         n = self.table.restore(keep)
         log.info("restart: %d connections restored from the pinned socket map, %d gone meanwhile", n, len(gone))

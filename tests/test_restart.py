@@ -189,3 +189,27 @@ def test_two_agents_cannot_share_a_named_instance(tmp_path: Path, monkeypatch: p
     finally:
         svc.stop()
         subprocess.run([str(CONN_TRACER), "cleanup", "--instance", instance], capture_output=True, check=True)
+
+
+def test_a_restart_drops_what_closed_or_vanished_while_it_was_down(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.netns import VethPair
+
+    instance = f"test-{secrets.token_hex(3)}"
+    monkeypatch.setenv("CONN_TRACER_PIN", "1")
+    svc = start_service(tmp_path / "one.log", "--instance", instance)
+    try:
+        with VethPair() as net:
+            holder = net.run_in(net.ns_a, [sys.executable, "-c", HOLD, net.addr_a4])
+            cport, sport = map(int, holder.stdout.readline().split())  # type: ignore[union-attr]
+            ports = {cport, sport}
+            wait_for(lambda: exactly(listed(svc, ports), 2), 10, "both ends listed")
+            svc.proc.kill()
+            svc.proc.wait(10)
+            svc.http.close()
+        # The namespace, its sockets and the process are gone while no agent ran: nothing to list.
+        svc = start_service(tmp_path / "two.log", "--instance", instance)
+        assert listed(svc, ports) == {}
+    finally:
+        svc.stop()
+        subprocess.run([str(CONN_TRACER), "cleanup", "--instance", instance], capture_output=True, check=True)
