@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import subprocess
@@ -30,8 +31,9 @@ class VethPair:
         self.veth_b = f"ctb{tag}"
         self.addr_a4 = f"10.200.{n}.1"
         self.addr_b4 = f"10.200.{n}.2"
-        self.addr_a6 = f"fd00:200:{n:x}::1"
-        self.addr_b6 = f"fd00:200:{n:x}::2"
+        # Canonical text (subnet 0 would read fd00:200:0::1), as the kernel and inet_ntop print it.
+        self.addr_a6 = str(ipaddress.ip_address(f"fd00:200:{n:x}::1"))
+        self.addr_b6 = str(ipaddress.ip_address(f"fd00:200:{n:x}::2"))
         self._procs: list[subprocess.Popen[str]] = []
 
     def __enter__(self) -> VethPair:

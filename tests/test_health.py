@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -321,7 +322,8 @@ def test_pending_connect_is_listed_within_a_second_then_times_out(net: VethPair,
         c = wait_for(pending, 1.0, "the pending connect listed as SYN_SENT with its port")
         assert time.monotonic() - t0 < 1.0
         # `ip netns exec` execs the command: the connecting process keeps its pid.
-        assert (c["role"], c["dst_port"], c["dst_addr"], c["pid"]) == ("client", 19, net.addr_b6, p.pid)
+        assert (c["role"], c["dst_port"], ip_address(c["dst_addr"]), c["pid"]) == \
+            ("client", 19, ip_address(net.addr_b6), p.pid)
         assert int(p.stdout.readline()) == 110  # type: ignore[union-attr]
         closed = wait_for(lambda: next((x for x in svc.json("/connections", state="closed", port=cport)
                                         if x["id"] == c["id"]), None), 5, "the timed-out connect closed")
