@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from functools import cache
 
 import pytest
 
 from app.bpf.loader import check_host
 from app.config import Settings
+from tests.netns import VethPair
+from tests.tracestream import TraceStream
 
 # Services started by tests do not pin maps unless a test says so (tests/test_restart.py):
 # several run at once and would share the default instance.
@@ -48,3 +51,18 @@ def require_root() -> None:
 def _require_root(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("root") is not None:
         require_root()
+
+
+@pytest.fixture(scope="module")
+def trace() -> Iterator[TraceStream]:
+    """`conn-tracer trace --json` for a whole test module (tests filter its events by port)."""
+    stream = TraceStream()
+    yield stream
+    assert stream.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[VethPair]:
+    """Two network namespaces joined by a veth pair, for a whole test module."""
+    with VethPair() as pair:
+        yield pair

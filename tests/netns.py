@@ -99,6 +99,15 @@ class VethPair:
         self._procs.append(p)
         return p
 
+    def drop_input(self, ns: str, match: str) -> None:
+        """Drops packets entering namespace `ns` that match an nft expression (a table of its own; it goes
+        with the namespace), e.g. "tcp dport 9 tcp flags syn" or "tcp dport 80 numgen random mod 10 == 0"."""
+        table = f"ct{secrets.token_hex(3)}"
+        rules = (f"add table inet {table}\n"
+                 f"add chain inet {table} in {{ type filter hook input priority 0; }}\n"
+                 f"add rule inet {table} in {match} drop\n")
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True, check=True)
+
     def python_in(self, ns: str, code: str, **kwargs: object) -> subprocess.Popen[str]:
         """Runs `python -c code` inside namespace `ns`."""
         return self.run_in(ns, [PYTHON, "-c", code], **kwargs)

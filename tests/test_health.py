@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -26,19 +26,6 @@ from tests.tracestream import Event as Ev
 from tests.tracestream import TraceStream, between
 
 pytestmark = pytest.mark.bpf
-
-
-@pytest.fixture(scope="module")
-def trace() -> Iterator[TraceStream]:
-    stream = TraceStream()
-    yield stream
-    assert stream.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def net() -> Iterator[VethPair]:
-    with VethPair() as pair:
-        yield pair
 
 
 def closed(local: int, remote: int) -> Callable[[list[Ev]], bool]:
@@ -152,12 +139,8 @@ def test_rtt_and_retransmits_across_veth_with_loss(trace: TraceStream, net: Veth
     server_addr = net.addr_b6 if v6 else net.addr_b4
     sink = net.run_in(net.ns_b, [sys.executable, "-c", SINK, server_addr])
     port = int(sink.stdout.readline())  # type: ignore[union-attr]
-    table = f"ct{secrets.token_hex(3)}"
     # Drop one in ten segments the server receives: the client retransmits.
-    nft = (f"add table inet {table}\n"
-           f"add chain inet {table} in {{ type filter hook input priority 0; }}\n"
-           f"add rule inet {table} in tcp dport {port} numgen random mod 10 == 0 drop\n")
-    subprocess.run(["ip", "netns", "exec", net.ns_b, "nft", "-f", "-"], input=nft, text=True, check=True)
+    net.drop_input(net.ns_b, f"tcp dport {port} numgen random mod 10 == 0")
     up = net.run_in(net.ns_a, [sys.executable, "-c", UPLOAD, server_addr, str(port), "1.5"])
     cport = int(up.stdout.readline())  # type: ignore[union-attr]
     # During the transfer: the client's RTT as events report it agrees with ss for the same socket.
@@ -182,11 +165,7 @@ def test_rtt_and_retransmits_across_veth_with_loss(trace: TraceStream, net: Veth
 
 
 def test_syn_timeout_says_timeout(trace: TraceStream, net: VethPair) -> None:
-    table = f"ct{secrets.token_hex(3)}"
-    nft = (f"add table inet {table}\n"
-           f"add chain inet {table} in {{ type filter hook input priority 0; }}\n"
-           f"add rule inet {table} in tcp dport 9 tcp flags syn drop\n")
-    subprocess.run(["ip", "netns", "exec", net.ns_b, "nft", "-f", "-"], input=nft, text=True, check=True)
+    net.drop_input(net.ns_b, "tcp dport 9 tcp flags syn")
     # One SYN retry: the connect times out after ~3 s instead of ~2 minutes.
     subprocess.run(["ip", "netns", "exec", net.ns_a, "sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"], check=True)
     code = (
@@ -295,11 +274,7 @@ def test_container_id_is_read_off_the_path() -> None:
 def test_pending_connect_is_listed_within_a_second_then_times_out(net: VethPair, tmp_path: Path) -> None:
     from tests.test_serve import start_service, wait_for
 
-    table = f"ct{secrets.token_hex(3)}"
-    nft = (f"add table inet {table}\n"
-           f"add chain inet {table} in {{ type filter hook input priority 0; }}\n"
-           f"add rule inet {table} in tcp dport 19 tcp flags syn drop\n")
-    subprocess.run(["ip", "netns", "exec", net.ns_b, "nft", "-f", "-"], input=nft, text=True, check=True)
+    net.drop_input(net.ns_b, "tcp dport 19 tcp flags syn")
     subprocess.run(["ip", "netns", "exec", net.ns_a, "sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"], check=True)
     svc = start_service(tmp_path / "serve.log")
     try:

@@ -169,12 +169,6 @@ def service(pre: Preexisting, tmp_path_factory: pytest.TempPathFactory) -> Itera
         svc.stop()
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[VethPair]:
-    with VethPair() as n:
-        yield n
-
-
 @dataclass
 class Exchange:
     """Client in ns_b sends `a` bytes to a server in ns_a, which answers `b` bytes; both close."""

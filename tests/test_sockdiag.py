@@ -136,9 +136,7 @@ def _poll(fn: Callable[[], DiagSocket | None], what: str, timeout_s: float = 5.0
 def net() -> Iterator[VethPair]:
     require_root()
     with VethPair() as n:
-        subprocess.run(["ip", "netns", "exec", n.ns_a, "nft", "-f", "-"], check=True, text=True, timeout=10,
-                       input=f"table inet t {{\n chain in {{\n  type filter hook input priority 0;\n"
-                             f"  tcp dport {DROP_PORT} tcp flags syn drop\n }}\n}}\n")
+        n.drop_input(n.ns_a, f"tcp dport {DROP_PORT} tcp flags syn")
         yield n
 
 

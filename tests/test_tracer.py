@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,19 +24,6 @@ from tests.tracestream import VENV_BIN, TraceStream, between
 from tests.tracestream import Event as Ev
 
 pytestmark = pytest.mark.bpf
-
-
-@pytest.fixture(scope="module")
-def trace() -> Iterator[TraceStream]:
-    stream = TraceStream()
-    yield stream
-    assert stream.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def net() -> Iterator[VethPair]:
-    with VethPair() as pair:
-        yield pair
 
 
 def both_closed(ex: Exchange) -> Callable[[list[Ev]], bool]:
