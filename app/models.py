@@ -147,11 +147,11 @@ def json_str(s: str) -> str:
 _REASON_JSON = {n: f'"{name}"' for n, name in CLOSE_REASON_NAMES.items()}
 
 
-def rtt_fields(rec: EventRecord) -> dict[str, int | None]:
-    """srtt_us and rttvar_us are null before the first RTT sample (srtt 0); connect_us until ESTABLISHED."""
+def rtt_values(rec: EventRecord) -> tuple[int | None, int | None, int | None]:
+    """(srtt_us, rttvar_us, connect_us): the first two null before the first RTT sample (srtt 0), the
+    last until ESTABLISHED."""
     srtt = rec[SRTT_US]
-    return {"srtt_us": srtt or None, "rttvar_us": rec[RTTVAR_US] if srtt else None,
-            "connect_us": rec[CONNECT_US] or None}
+    return srtt or None, rec[RTTVAR_US] if srtt else None, rec[CONNECT_US] or None
 
 
 def conn_id_text(conn_id: int) -> str:
@@ -181,15 +181,16 @@ class Texts:
         self._comms: dict[bytes, str] = {}
         self.tails: dict[int, str] = {}   # cgroup id -> steady_tail(), once resolved (read by the C writer)
 
-    def cgroup(self, cgroup_id: int) -> str | None:
-        return self.cgroups.path(cgroup_id)
+    def cgroup_and_container(self, cgroup_id: int) -> tuple[str | None, str | None]:
+        """The cgroup path of an id and the container id it names, if any."""
+        path = self.cgroups.path(cgroup_id)
+        return path, container_id(path) if path else None
 
     def steady_tail(self, cgroup_id: int) -> str:
         """The end of an event's JSON: cgroup, container and host (the cgroup part cached once resolved)."""
         tail = self.tails.get(cgroup_id)
         if tail is None:
-            path = self.cgroup(cgroup_id)
-            cid = container_id(path) if path else None
+            path, cid = self.cgroup_and_container(cgroup_id)
             tail = (f',"cgroup":{json_str(path) if path else "null"},'
                     f'"container_id":{json_str(cid) if cid else "null"},"host":{json_str(self.host)}}}')
             if path is not None or not cgroup_id:
@@ -277,6 +278,8 @@ class EventWriter:
         t = self.texts
         fam = rec[FAMILY]
         pid = rec[PID]
+        srtt, rttvar, connect = rtt_values(rec)
+        cgroup, container = t.cgroup_and_container(rec[CGROUP_ID])
         return Event.model_validate({
             "seq": seq, "type": EVENT_TYPE_NAMES[rec[TYPE]], "ts": t.ts(rec[TS_NS]), "ts_ns": rec[TS_NS],
             "state": TCP_STATES[rec[STATE]], "bytes_sent": rec[BYTES_SENT], "bytes_received": rec[BYTES_RECEIVED],
@@ -284,12 +287,8 @@ class EventWriter:
             "role": ROLE_NAMES[rec[ROLE]], "src_addr": t.addr(rec[SADDR], fam), "src_port": rec[SPORT],
             "dst_addr": t.addr(rec[DADDR], fam), "dst_port": rec[DPORT], "pid": pid or None,
             "comm": t.comm(rec[COMM]) if pid else None, "netns": rec[NETNS],
-            "retrans_segs": rec[RETRANS_SEGS], **rtt_fields(rec),
-            "close_reason": CLOSE_REASON_NAMES.get(rec[CLOSE_REASON]), **cgroup_fields(t, rec[CGROUP_ID]),
+            "retrans_segs": rec[RETRANS_SEGS], "srtt_us": srtt, "rttvar_us": rttvar, "connect_us": connect,
+            "close_reason": CLOSE_REASON_NAMES.get(rec[CLOSE_REASON]), "cgroup": cgroup, "container_id": container,
             "host": t.host,
         })
 
-
-def cgroup_fields(texts: Texts, cgroup_id: int) -> dict[str, str | None]:
-    path = texts.cgroup(cgroup_id)
-    return {"cgroup": path, "container_id": container_id(path) if path else None}

@@ -23,7 +23,6 @@ from app.bpf.event import (
     CLOSE_REASON_NAMES,
     COMM,
     CONN_ID,
-    CONNECT_US,
     CR_UNKNOWN,
     DADDR,
     DPORT,
@@ -47,9 +46,8 @@ from app.bpf.event import (
     TYPE,
     EventRecord,
 )
-from app.cgroups import container_id
 from app.filters import Predicate
-from app.models import Connection, Texts, conn_id_number, conn_id_text
+from app.models import Connection, Texts, conn_id_number, conn_id_text, rtt_values
 from app.traffic import TrafficTotals
 
 ConnKey = tuple[int, int, bytes, int, bytes, int]
@@ -82,8 +80,8 @@ class ConnEntry:
         start = r[START_NS]
         closed = self.close_ns != 0
         end = self.close_ns if closed else max(now_ns, start)
-        srtt = r[SRTT_US]
-        cgroup = texts.cgroup(r[CGROUP_ID])
+        srtt, rttvar, connect = rtt_values(r)
+        cgroup, container = texts.cgroup_and_container(r[CGROUP_ID])
         return Connection.model_construct(
             id=conn_id_text(r[CONN_ID]), family=FAMILY_NAMES[fam], role=ROLE_NAMES[r[ROLE]],
             state=TCP_STATES.get(r[STATE], str(r[STATE])),
@@ -92,9 +90,9 @@ class ConnEntry:
             bytes_sent=r[BYTES_SENT], bytes_received=r[BYTES_RECEIVED], bytes_retrans=r[BYTES_RETRANS],
             started_at=texts.ts(start), closed_at=texts.ts(self.close_ns) if closed else None,
             duration_ms=(end - start) / 1e6, netns=r[NETNS], preexisting=self.preexisting, events=self.events,
-            retrans_segs=r[RETRANS_SEGS], srtt_us=srtt or None, rttvar_us=r[RTTVAR_US] if srtt else None,
-            connect_us=r[CONNECT_US] or None, close_reason=CLOSE_REASON_NAMES.get(r[CLOSE_REASON]),
-            cgroup=cgroup, container_id=container_id(cgroup) if cgroup else None, host=texts.host,
+            retrans_segs=r[RETRANS_SEGS], srtt_us=srtt, rttvar_us=rttvar, connect_us=connect,
+            close_reason=CLOSE_REASON_NAMES.get(r[CLOSE_REASON]), cgroup=cgroup, container_id=container,
+            host=texts.host,
         )
 
 
