@@ -22,6 +22,7 @@ from app import __version__
 from app.cli import bash_completion, build_parser, main, settings_from_args
 from app.config import Settings
 from app.render import Renderer, endpoint, human_bytes, human_duration_ms, zone_label
+from tests.test_serve import bpf_prog_ids
 
 REPO = Path(__file__).resolve().parents[1]
 CONN_TRACER = Path(sys.prefix) / "bin" / "conn-tracer"
@@ -335,21 +336,6 @@ def test_trace_local_and_remote_port_filters_run_in_user_space(listener: socket.
 
 # --- a taken port -------------------------------------------------------------------------------
 
-def _prog_ids_of(pid: int) -> set[int]:
-    ids = set()
-    try:
-        for f in Path(f"/proc/{pid}/fdinfo").iterdir():
-            try:
-                m = re.search(r"^prog_id:\s*(\d+)", f.read_text(), re.M)
-            except OSError:
-                continue
-            if m:
-                ids.add(int(m.group(1)))
-    except OSError:
-        pass   # the process has gone
-    return ids
-
-
 def test_serve_on_a_taken_port_exits_1_in_one_line_before_loading_bpf() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -362,7 +348,7 @@ def test_serve_on_a_taken_port_exits_1_in_one_line_before_loading_bpf() -> None:
         # Watch the process's own fds for a BPF program for as long as it lives (other tests on this
         # host load programs of the same names, so a host-wide count would not say whose they are).
         while proc.poll() is None and time.monotonic() < deadline:
-            held |= _prog_ids_of(proc.pid)
+            held |= bpf_prog_ids(proc.pid)
             time.sleep(0.005)
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 1

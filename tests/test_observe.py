@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from app.observe import Query, parse_since
+from tests.test_serve import free_port, wait_for
 
 CONN_TRACER = Path(sys.prefix) / "bin" / "conn-tracer"
 
@@ -67,22 +68,6 @@ def test_ws_params_send_what_the_server_filters() -> None:
 
 
 # --- against a real agent -----------------------------------------------------------------------
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as resp:

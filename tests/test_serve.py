@@ -50,16 +50,18 @@ def free_port() -> int:
 
 
 def bpf_prog_ids(pid: int) -> set[int]:
-    """Ids of the BPF programs a process holds open (from its fds' fdinfo)."""
+    """Ids of the BPF programs a process holds open (from its fds' fdinfo); none once it has gone."""
     ids = set()
-    fd_dir = Path(f"/proc/{pid}/fdinfo")
-    for f in fd_dir.iterdir():
-        try:
-            m = re.search(r"^prog_id:\s*(\d+)", f.read_text(), re.M)
-        except OSError:
-            continue
-        if m:
-            ids.add(int(m.group(1)))
+    try:
+        for f in Path(f"/proc/{pid}/fdinfo").iterdir():
+            try:
+                m = re.search(r"^prog_id:\s*(\d+)", f.read_text(), re.M)
+            except OSError:
+                continue
+            if m:
+                ids.add(int(m.group(1)))
+    except OSError:
+        pass   # the process has gone
     return ids
 
 
@@ -119,11 +121,12 @@ class Service:
         return self.proc.returncode
 
 
-def start_service(log: Path, *args: str) -> Service:
+def start_service(log: Path, *args: str, env: dict[str, str] | None = None) -> Service:
+    """`conn-tracer serve` on a free port (extra environment in `env`), once /healthz answers."""
     port = free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(CONN_TRACER), "serve", "--port", str(port), *args],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     svc = Service(proc, port, log)
     try:
         wait_for(svc.healthy, 30, "/healthz 200", interval=0.1)

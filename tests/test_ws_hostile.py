@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.test_serve import CONN_TRACER, Service, free_port, wait_for
+from tests.test_serve import Service, free_port, start_service, wait_for
 from tests.wsraw import fd_count, ping_frames, read_close, rss_kib, stuck_subscriber
 
 pytestmark = pytest.mark.bpf
@@ -41,20 +40,6 @@ PINGS_EACH = 100_000     # 1M pings in all, 125-byte payloads (the largest a pin
 # Documented in the README ("Security and reliability"): what 200 stuck after=0 subscribers and a
 # million unanswered pings may cost at most, above the service's RSS before they came.
 STUCK_RSS_BOUND_KIB = 64 * 1024
-
-
-def start(log: Path, *args: str, env: dict[str, str] | None = None) -> Service:
-    port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(CONN_TRACER), "serve", "--port", str(port), *args], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    svc = Service(proc, port, log)
-    try:
-        wait_for(svc.healthy, 30, "/healthz 200", interval=0.1)
-    except BaseException:
-        svc.stop()
-        raise
-    return svc
 
 
 ABANDON = """
@@ -96,7 +81,7 @@ class Hostile:
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
     fport = free_port()
-    svc = start(tmp_path_factory.mktemp("hostile") / "serve.log", "--filter-port", str(fport),
+    svc = start_service(tmp_path_factory.mktemp("hostile") / "serve.log", "--filter-port", str(fport),
                 "--max-subscribers", str(STUCK + 10))
     try:
         exchanges(fport, FILL_EXCHANGES)
@@ -254,7 +239,7 @@ def test_sigterm_with_50_stuck_subscribers_exits_0_within_3s(hostile: Hostile) -
 @pytest.fixture(scope="module")
 def pinging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """A service that pings every 0.3 s and gives up on a client after another 0.3 s."""
-    svc = start(tmp_path_factory.mktemp("pinging") / "serve.log", "--filter-port", str(free_port()),
+    svc = start_service(tmp_path_factory.mktemp("pinging") / "serve.log", "--filter-port", str(free_port()),
                 env={"CONN_TRACER_WS_PING_INTERVAL_S": "0.3", "CONN_TRACER_WS_PING_TIMEOUT_S": "0.3"})
     try:
         yield svc
