@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 from tests.netns import VethPair
@@ -114,3 +117,54 @@ def run_exchange(server_addr: str, a: int, b: int, *, net: VethPair | None = Non
         client_pid=int(c["pid"]), client_addr=str(c["addr"]), client_port=int(c["port"]),
         sent_by_client=a, sent_by_server=b,
     )
+
+
+# --- in this process, on loopback ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LocalExchange:
+    """One finished TCP connection made by this test process, seen from both ends."""
+
+    client_port: int
+    server_port: int
+    pid: int
+    client_sent: int
+    server_sent: int
+
+
+def recv_exactly(sock: socket.socket, n: int) -> None:
+    got = 0
+    while got < n:
+        chunk = sock.recv(min(65536, n - got))
+        if not chunk:
+            raise ConnectionError(f"peer closed after {got} of {n} bytes")
+        got += len(chunk)
+
+
+def local_exchange(client_sends: int, server_sends: int) -> LocalExchange:
+    """Listen on 127.0.0.1, connect, send A bytes, answer B bytes, close both ends."""
+    failures: list[BaseException] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server_port = listener.getsockname()[1]
+
+        def serve() -> None:
+            try:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(5)
+                    recv_exactly(conn, client_sends)
+                    conn.sendall(b"y" * server_sends)
+            except BaseException as exc:  # surfaced in the test thread below
+                failures.append(exc)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with socket.create_connection(("127.0.0.1", server_port), timeout=5) as client:
+            client_port = client.getsockname()[1]
+            client.sendall(b"x" * client_sends)
+            recv_exactly(client, server_sends)
+        thread.join(5)
+    if failures:
+        raise failures[0]
+    assert not thread.is_alive(), "server side of the exchange hung"
+    return LocalExchange(client_port, server_port, os.getpid(), client_sends, server_sends)

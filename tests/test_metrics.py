@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -16,6 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.exchange import local_exchange
 from tests.test_serve import Service, start_service, wait_for
 
 pytestmark = pytest.mark.bpf
@@ -27,39 +26,8 @@ PROMETHEUS_YML = REPO / "docs" / "prometheus.yml"
 
 def loopback_exchange(client_sends: int, server_sends: int) -> tuple[int, int]:
     """One finished TCP connection on 127.0.0.1 with these payloads; returns (client port, server port)."""
-    errors: list[BaseException] = []
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        server_port = listener.getsockname()[1]
-
-        def serve() -> None:
-            try:
-                conn, _ = listener.accept()
-                with conn:
-                    got = 0
-                    while got < client_sends:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        got += len(chunk)
-                    conn.sendall(b"y" * server_sends)
-            except BaseException as exc:   # surfaced below
-                errors.append(exc)
-
-        t = threading.Thread(target=serve, daemon=True)
-        t.start()
-        with socket.create_connection(("127.0.0.1", server_port), timeout=5) as c:
-            client_port = c.getsockname()[1]
-            c.sendall(b"x" * client_sends)
-            got = 0
-            while got < server_sends:
-                chunk = c.recv(65536)
-                if not chunk:
-                    break
-                got += len(chunk)
-        t.join(5)
-    if errors:
-        raise errors[0]
-    return client_port, server_port
+    ex = local_exchange(client_sends, server_sends)
+    return ex.client_port, ex.server_port
 
 
 @pytest.fixture(scope="module")

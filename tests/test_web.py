@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.exchange import LocalExchange, local_exchange, recv_exactly
 
 pytestmark = [pytest.mark.browser, pytest.mark.bpf]
 
@@ -61,17 +62,6 @@ COLUMNS = ["role", "local", "remote", "state", "pid", "sent", "recv", "rtt", "re
 NARROW_COLUMNS = ["state", "pid", "sent", "recv"]
 
 
-@dataclass(frozen=True)
-class Exchange:
-    """One finished TCP connection made by this test process, seen from both ends."""
-
-    client_port: int
-    server_port: int
-    pid: int
-    client_sent: int
-    server_sent: int
-
-
 @dataclass
 class Dashboard:
     """The shared page and what it reported while the tests ran."""
@@ -80,44 +70,6 @@ class Dashboard:
     url: str
     errors: list[str] = field(default_factory=list)
     ws_urls: list[str] = field(default_factory=list)
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> None:
-    got = 0
-    while got < n:
-        chunk = sock.recv(min(65536, n - got))
-        if not chunk:
-            raise ConnectionError(f"peer closed after {got} of {n} bytes")
-        got += len(chunk)
-
-
-def tcp_exchange(client_sends: int, server_sends: int) -> Exchange:
-    """Listen on 127.0.0.1, connect, send A bytes, answer B bytes, close both ends."""
-    failures: list[BaseException] = []
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        server_port = listener.getsockname()[1]
-
-        def serve() -> None:
-            try:
-                conn, _ = listener.accept()
-                with conn:
-                    conn.settimeout(5)
-                    _recv_exactly(conn, client_sends)
-                    conn.sendall(b"y" * server_sends)
-            except BaseException as exc:  # surfaced in the test thread below
-                failures.append(exc)
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        with socket.create_connection(("127.0.0.1", server_port), timeout=5) as client:
-            client_port = client.getsockname()[1]
-            client.sendall(b"x" * client_sends)
-            _recv_exactly(client, server_sends)
-        thread.join(5)
-    if failures:
-        raise failures[0]
-    assert not thread.is_alive(), "server side of the exchange hung"
-    return Exchange(client_port, server_port, os.getpid(), client_sends, server_sends)
 
 
 def _free_port() -> int:
@@ -230,10 +182,10 @@ def watch_this_process(page: Page) -> None:
 
 
 @pytest.fixture(scope="module")
-def first_exchange(dashboard: Dashboard) -> Exchange:
+def first_exchange(dashboard: Dashboard) -> LocalExchange:
     """Made once the page is live, so its events arrive over the WebSocket."""
     watch_this_process(dashboard.page)
-    return tcp_exchange(3001, 7919)
+    return local_exchange(3001, 7919)
 
 
 def loss_report(dash: Dashboard) -> str:
@@ -257,7 +209,7 @@ def conn_row(page: Page, local_port: int, remote_port: int) -> Locator:
     return rows.filter(has=local).filter(has=remote)
 
 
-def expect_both_ends(page: Page, ex: Exchange, timeout_ms: float) -> None:
+def expect_both_ends(page: Page, ex: LocalExchange, timeout_ms: float) -> None:
     """Client and server rows with the exact ports, pid and payload byte counts."""
     deadline = time.monotonic() + timeout_ms / 1000
     ends = [
@@ -275,11 +227,11 @@ def expect_both_ends(page: Page, ex: Exchange, timeout_ms: float) -> None:
         expect(row.locator('td[data-col="recv"]')).to_have_text(str(received), timeout=_ms_left(deadline))
 
 
-def test_row_appears_with_ports_pid_and_exact_bytes(dashboard: Dashboard, first_exchange: Exchange) -> None:
+def test_row_appears_with_ports_pid_and_exact_bytes(dashboard: Dashboard, first_exchange: LocalExchange) -> None:
     expect_both_ends(dashboard.page, first_exchange, timeout_ms=2000)
 
 
-def test_filter_by_port_leaves_only_that_connection(dashboard: Dashboard, first_exchange: Exchange) -> None:
+def test_filter_by_port_leaves_only_that_connection(dashboard: Dashboard, first_exchange: LocalExchange) -> None:
     page = dashboard.page
     port = first_exchange.client_port
     show_only(page, str(port))
@@ -299,7 +251,7 @@ def test_filter_by_port_leaves_only_that_connection(dashboard: Dashboard, first_
 
 
 @pytest.mark.parametrize("role", ["client", "server"])
-def test_row_click_shows_state_timeline(dashboard: Dashboard, first_exchange: Exchange, role: str) -> None:
+def test_row_click_shows_state_timeline(dashboard: Dashboard, first_exchange: LocalExchange, role: str) -> None:
     page = dashboard.page
     ex = first_exchange
     show_only(page, str(ex.client_port))
@@ -328,7 +280,7 @@ def test_websocket_outage_reconnects_and_resumes(dashboard: Dashboard) -> None:
     watch_this_process(page)
     assert isinstance(seq_when_down, int)
 
-    ex = tcp_exchange(4099, 6007)
+    ex = local_exchange(4099, 6007)
     assert "disconnected" in status.inner_text(), "the exchange must happen while the page is offline"
 
     expect(status).to_have_text("live", timeout=20_000)
@@ -372,7 +324,7 @@ def cells_in_view(row: Locator, cols: list[str]) -> dict[str, bool]:
         "&& r.width > 20 && r.left >= 0 && r.right <= innerWidth + 0.5; }")) for col in cols}
 
 
-def show_exchange(page: Page, ex: Exchange) -> Locator:
+def show_exchange(page: Page, ex: LocalExchange) -> Locator:
     """Filters the table to this exchange's two rows (ports are reused on a busy host, so both) and
     returns its client row."""
     show_only(page, f"port:{ex.client_port} port:{ex.server_port}")
@@ -383,7 +335,7 @@ def show_exchange(page: Page, ex: Exchange) -> Locator:
 def test_layout_fits_the_window(dashboard: Dashboard, width: int) -> None:
     page = dashboard.page
     watch_this_process(page)
-    ex = tcp_exchange(1000, 2000)   # its own: the page ages closed rows out after a minute
+    ex = local_exchange(1000, 2000)   # its own: the page ages closed rows out after a minute
     row = show_exchange(page, ex)
     page.set_viewport_size({"width": width, "height": 900})
     try:
@@ -418,7 +370,7 @@ def history_json(url: str, **params: int) -> dict[str, list[int]]:
 def test_reload_keeps_the_chart_history(dashboard: Dashboard) -> None:
     page = dashboard.page
     t0 = int(time.time()) - 1
-    ex = tcp_exchange(300_000, 200_000)
+    ex = local_exchange(300_000, 200_000)
     total = ex.client_sent + ex.server_sent   # both ends are on this host: each byte is received once here
     deadline = time.monotonic() + 5
     while True:
@@ -447,13 +399,13 @@ def test_timeline_has_events_from_before_the_page_opened(browser: Browser, servi
         server_port = listener.getsockname()[1]
         client = socket.create_connection(("127.0.0.1", server_port), timeout=5)
         server, _ = listener.accept()
-    ex = Exchange(client.getsockname()[1], server_port, os.getpid(), 2222, 3333)
+    ex = LocalExchange(client.getsockname()[1], server_port, os.getpid(), 2222, 3333)
     dash = None
     try:
         client.sendall(b"x" * ex.client_sent)
-        _recv_exactly(server, ex.client_sent)
+        recv_exactly(server, ex.client_sent)
         server.sendall(b"y" * ex.server_sent)
-        _recv_exactly(client, ex.server_sent)
+        recv_exactly(client, ex.server_sent)
         dash = open_dashboard(browser, service_url)
         page = dash.page
         row = show_exchange(page, ex)
@@ -484,7 +436,7 @@ def test_timeline_has_events_from_before_the_page_opened(browser: Browser, servi
 def test_export_csv_and_json(dashboard: Dashboard) -> None:
     page = dashboard.page
     watch_this_process(page)
-    ex = tcp_exchange(1111, 2345)
+    ex = local_exchange(1111, 2345)
     show_exchange(page, ex)
     expect(page.locator("#conn-table tr[data-conn-id]")).to_have_count(2)
     want = {(ex.client_port, ex.server_port, "client", ex.client_sent, ex.server_sent),
@@ -510,7 +462,7 @@ def test_export_csv_and_json(dashboard: Dashboard) -> None:
 def test_no_console_errors_and_screenshot(dashboard: Dashboard) -> None:
     page = dashboard.page
     watch_this_process(page)
-    ex = tcp_exchange(1500, 2500)
+    ex = local_exchange(1500, 2500)
     show_only(page, str(ex.client_port))
     row = conn_row(page, ex.client_port, ex.server_port)
     expect(row).to_have_count(1, timeout=5000)
