@@ -254,8 +254,7 @@ class ConnectionTable:
             if rec[CONN_ID] not in op and rec[CONN_ID] not in self._closed:
                 k = kernel.get(conn_key(rec))
                 if k is not None:
-                    c = op[rec[CONN_ID]] = ConnEntry(replaced(rec, {STATE: k[STATE]}))
-                    c.events = 0
+                    self.restore([replaced(rec, {STATE: k[STATE]})])
         for c in list(op.values()):
             r = c.rec
             key = conn_key(r)
