@@ -401,12 +401,12 @@ def test_token_on_loopback_observe_and_ws(tmp_path: Path) -> None:
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    from tests.test_ws_hostile import start
+    from tests.test_serve import start_service
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
-    svc = start(tmp_path / "serve.log", "--token-file", str(token_file))
+    svc = start_service(tmp_path / "serve.log", "--token-file", str(token_file))
     try:
         assert svc.get("/connections").status_code == 401
         env = {k: v for k, v in os.environ.items() if k != "CONN_TRACER_TOKEN"}
@@ -435,12 +435,12 @@ def test_dashboard_opened_with_token_passes_it_on(tmp_path: Path) -> None:
     """Chromium opens /?token=T on a service that wants a token: the page's API calls and its
     WebSocket carry it (live stream, counters filled, no 401 anywhere); without it the page is 401."""
     sync_api = pytest.importorskip("playwright.sync_api")
+    from tests.test_serve import start_service
     from tests.test_web import CHROMIUM, CHROMIUM_ARGS
-    from tests.test_ws_hostile import start
 
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")
-    svc = start(tmp_path / "serve.log", env={"CONN_TRACER_TOKEN": TOKEN})
+    svc = start_service(tmp_path / "serve.log", env={"CONN_TRACER_TOKEN": TOKEN})
     try:
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
