@@ -53,7 +53,7 @@ class Histogram:
 _BOUNDS_WITH_ZERO = (0, *_BUCKETS_US)
 _bucket = partial(bisect_left, _BOUNDS_WITH_ZERO)
 _role_reason = itemgetter(ROLE, CLOSE_REASON)
-_FOLD_AT = 65536   # closes waiting to be counted, at most
+_FOLD_AT = 1024   # closes waiting to be counted, at most
 
 
 class TrafficTotals:
