@@ -217,11 +217,12 @@ def parse_peer(tool: str, out_file: Path, err_file: Path, port: int) -> dict[str
 
 
 def run_counting(ctx: Context, rnd: int, cfg: str) -> dict[str, Any]:
-    """A consumer that only counts records: `bare` (bare_consumer.py) or `floor` (floor_consumer.py).
+    """A consumer that only counts records: `bare` (bare_consumer.py) or `floor` (floor_consumer.py); or
+    `empty` (empty_consumer.py), empty programs on conn-tracer's hooks that make no records at all.
 
-    Both print "ready" once attached and a JSON line with their counts on SIGINT.
+    All print "ready" once attached and a JSON line with their counts on SIGINT.
     """
-    script = BENCH / {"bare": "bare_consumer.py", "floor": "floor_consumer.py"}[cfg]
+    script = BENCH / {"bare": "bare_consumer.py", "floor": "floor_consumer.py", "empty": "empty_consumer.py"}[cfg]
     p = Proc(f"r{rnd}-{cfg}", [str(VENV_PY), str(script)], stdout_pipe=True)
     res: dict[str, Any] = {}
     lines: list[str] = []
@@ -262,4 +263,5 @@ CONFIGS: dict[str, Callable[[Context, int, str], dict[str, Any]]] = {
     "tcpstates": run_peer,
     "floor": run_counting,
     "bare": run_counting,
+    "empty": run_counting,
 }

@@ -14,7 +14,7 @@ from harness import STATE_CHANGES_PER_CONN, Profile, expected_closes
 TRACERS = ("conn-tracer/batch", "conn-tracer/close")
 SHOWN_TRACERS = (*TRACERS, "baseline/batch")   # the baseline is shown, not held to the targets
 PEERS = ("tcplife", "tcpstates")
-COUNTING = ("floor", "bare")
+COUNTING = ("floor", "bare", "empty")
 PHASES = ("low", "rate", "max")
 
 
@@ -103,6 +103,8 @@ def _peer(cfg: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _counting(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    if not any(r["records"] for r in rs):
+        return {"lost_kernel_max": 0}   # empty: no records, only its BPF time counts
     return {"cpu_us_per_event": med([1e6 * r["cpu_s"] / max(1, r["records"]) for r in rs]),
             "events_per_conn": med([r["records"] / max(1, r["churn"]["connections"]) for r in rs]),
             "records_per_wakeup": med([r["records"] / r["callbacks"] for r in rs if r.get("callbacks")]),
@@ -192,6 +194,9 @@ def targets(s: dict[str, Any], prof: Profile) -> list[dict[str, Any]]:
             if ph and ph["rate_limit"] and ph["rate"] < 0.95 * ph["rate_limit"]:
                 where += f" [got {ph['rate']:,.0f}/s]"  # the machine could not offer the rate
             add(f"{mode}: p99 latency @ {where} (ms)", p99, f"<= {limit_ms}", p99 is not None and p99 <= limit_ms)
+    empty = c.get("empty", {}).get("bpf", {}).get("us_per_conn")
+    add("in-kernel floor: empty programs on the same hooks (us)", empty, "reported (the part of <= 3 no code removes)",
+        None)
     rss = s.get("rss_after_n")
     n = f"{rss['connections']:,}" if rss else f"{prof.rss_count:,}" if prof.rss_count else "N"
     add(f"RSS after {n} conns (MB)", rss and rss["rss_mb"], "<= 150", rss and rss["rss_mb"] <= 150)

@@ -104,7 +104,7 @@ def _others(s: dict[str, Any]) -> list[str]:
             out.append(f"  {peer}: lines/expected {fmt(c[peer].get('lines_ratio'), 4)}; "
                        f"warning: {c[peer].get('lost_warning') or 'none'}")
     for cfg in COUNTING:
-        if cfg in c:
+        if cfg in c and c[cfg].get("cpu_us_per_event") is not None:
             per_cb = c[cfg].get("records_per_wakeup")
             out.append(f"  {cfg}: {fmt(c[cfg].get('cpu_us_per_event'), 2)} us CPU per record, "
                        f"{fmt(c[cfg].get('events_per_conn'), 2)} records per connection"
