@@ -71,6 +71,8 @@ def _phases(c: dict[str, Any]) -> list[str]:
 
 
 def _kernel(c: dict[str, Any], order: list[str]) -> list[str]:
+    if not any(c.get(cfg, {}).get("bpf") for cfg in order):
+        return []
     out = ["", "== in-kernel BPF time during the max-rate churn (bpf_stats on for that window only; medians "
            "over rounds) ==",
            "  programs found through the consumer's own fds; runs/conn and us/conn per churn connection "
@@ -125,9 +127,60 @@ def _others(s: dict[str, Any]) -> list[str]:
     return out if len(out) > 1 else []
 
 
+def _export(x: dict[str, Any] | None) -> list[str]:
+    if not x:
+        return []
+    if "skipped" in x:
+        return ["", f"export phase skipped: {x['skipped']}"]
+    rn = x["rounds"]
+    out = ["", f"== export to NATS JetStream (issue 12): one agent, plain vs export, alternated "
+               f"({rn.get('plain', 0)}+{rn.get('export', 0)} runs); medians, worst where noted ==",
+           f"  plain = serve + a subscriber on its /ws?{x.get('ws_query')}; export = the same serve with --nats "
+           f"--host-name {x.get('host_name')} and its subscriber, plus nats-server -js,",
+           f"  conn-tracer fleet and a subscriber on the fleet view's /ws?{x.get('ws_query')}; ratio = export/plain "
+           "conn/s in the same round; us/conn = CPU per churn connection",
+           "  drops = the agent's export.dropped (worst); acked = every published event acknowledged after each "
+           "phase; fleet complete = closes the fleet subscriber got / sockets closed"]
+    hdr = (f"  {'phase':<5} {'limit/s':>7} {'plain/s':>8} {'export/s':>8} {'ratio':>6} {'serve us/conn':>13} "
+           f"{'export':>6} {'fleet':>6} {'nats':>6} {'drops':>5} {'lost_k':>6} {'acked':>5} {'ev/msg':>6}")
+    out.append(hdr)
+    for ph, d in x.get("phases", {}).items():
+        p, e = d.get("plain", {}), d.get("export", {})
+        lim = p.get("rate_limit") or e.get("rate_limit")
+        out.append(f"  {ph:<5} {fmt(lim or None, 0):>7} {fmt(p.get('rate'), 0):>8} {fmt(e.get('rate'), 0):>8} "
+                   f"{fmt(d.get('rate_ratio'), 3):>6} {fmt(p.get('cpu_us_per_conn'), 1):>13} "
+                   f"{fmt(e.get('cpu_us_per_conn'), 1):>6} {fmt(e.get('fleet_cpu_us_per_conn'), 1):>6} "
+                   f"{fmt(e.get('nats_cpu_us_per_conn'), 1):>6} {fmt(e.get('drops_max')):>5} "
+                   f"{fmt(_max2(p.get('lost_kernel_max'), e.get('lost_kernel_max'))):>6} "
+                   f"{('yes' if e.get('export_drained_all') else 'NO') if e else '-':>5} "
+                   f"{fmt(e.get('events_per_message'), 0):>6}")
+    hdr = (f"  {'phase':<5} {'fleet complete':>14} {'worst':>6} {'fleet p50':>9} {'p99':>6} {'p99 max':>7} "
+           f"{'max':>7} {'agent complete':>14} {'p99 plain':>9} {'p99 export':>10}   (ms)")
+    out.append(hdr)
+    for ph, d in x.get("phases", {}).items():
+        p, e = d.get("plain", {}), d.get("export", {})
+        out.append(f"  {ph:<5} {fmt(e.get('fleet_completeness'), 4):>14} {fmt(e.get('fleet_completeness_min'), 3):>6} "
+                   f"{fmt(e.get('fleet_p50_ms'), 1):>9} {fmt(e.get('fleet_p99_ms'), 1):>6} "
+                   f"{fmt(e.get('fleet_p99_ms_worst'), 1):>7} {fmt(e.get('fleet_max_ms_worst'), 1):>7} "
+                   f"{fmt(e.get('agent_completeness'), 4):>14} {fmt(p.get('agent_p99_ms'), 1):>9} "
+                   f"{fmt(e.get('agent_p99_ms'), 1):>10}")
+    out.append(f"  fleet latency from: {', '.join(x.get('latency_source', [])) or '-'} (ts_ns: the agent's kernel "
+               f"CLOCK_MONOTONIC, same machine); fleet seq regressions {x.get('fleet_seq_regressions')}")
+    out += [f"  {why}" for why in x.get("problems", [])]
+    return out
+
+
+def _max2(a: Any, b: Any) -> Any:
+    return max((v for v in (a, b) if v is not None), default=None)
+
+
 def _targets(tg: list[dict[str, Any]]) -> list[str]:
-    out = ["", "== targets (issue 8) =="]
+    out: list[str] = []
+    section = None
     for t in tg:
+        if t.get("section", "issue 8") != section:  # runs before issue 12 have no section: all issue 8
+            section = t.get("section", "issue 8")
+            out += ["", f"== targets ({section}) =="]
         mark = {True: "PASS", False: "FAIL"}.get(t["pass"], "n/a " if t["value"] is None else "info")
         out.append(f"  [{mark}] {t['target']:<50} {fmt(t['value']):>10}   want {t['want']}")
     return out
@@ -153,8 +206,9 @@ def render(result: dict[str, Any]) -> str:
     head = (f"conn-tracer bench {m.get('timestamp')}: git {m.get('git')}, kernel {m.get('kernel')}, "
             f"{m.get('cpus')} CPUs, {'quick' if m.get('quick') else 'full'} ({prof.get('rounds')} rounds, "
             f"{prof.get('churn_s')} s max-rate churn), argv {' '.join(m.get('argv', [])) or '-'}")
-    lines = [head, ""] + _configs(s["configs"], order, result.get("skipped", {}))
+    lines = [head] + (["", *_configs(s["configs"], order, result.get("skipped", {}))] if order else [])
     if any(cfg in s["configs"] for cfg in TRACERS):
         lines += _phases(s["configs"])
-    lines += _kernel(s["configs"], order) + _others(s) + _targets(result["targets"]) + _profile(result.get("profile"))
+    lines += (_kernel(s["configs"], order) + _others(s) + _export(s.get("export")) + _targets(result["targets"])
+              + _profile(result.get("profile")))
     return "\n".join(lines) + "\n"
