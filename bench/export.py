@@ -81,26 +81,47 @@ def exported_all(st: dict[str, Any]) -> bool:
     return bool(e) and e["buffered"] == 0 and e["acknowledged"] + e["dropped"] >= e["published"]
 
 
-def drain_fleet(sub: SubscriberProc, base: str, port: int, expected: int, timeout_s: float = 120.0,
-                stall_s: float = 2.0) -> float:
-    """Wait until the fleet subscriber has every close for port, or neither the fleet view's seq nor
-    that count moved for stall_s. The fleet view's seq, because a fleet view behind the stream is
-    still working through events before the port's: its closes stay flat while it catches up."""
+def fleet_host_seq(base: str) -> int:
+    """The agent's seq of the latest event the fleet view has applied (its newest event's host_seq)."""
+    seq = int(_stats(base).get("seq") or 0)
+    if seq <= 0:
+        return 0
+    with contextlib.suppress(urllib.error.URLError, OSError, ValueError, KeyError, IndexError):
+        return int(http_json(f"{base}/events?after={seq - 1}&limit=1")[0]["host_seq"])
+    return 0
+
+
+def drain_fleet(sub: SubscriberProc, base: str, port: int, expected: int, agent_seq: int,
+                timeout_s: float = 120.0, stuck_s: float = 10.0, stall_s: float = 1.5) -> tuple[float, bool]:
+    """Wait until the fleet subscriber has every close for port; else until the fleet view has applied
+    the agent's events up to agent_seq (all acknowledged by then) and the subscriber's count stopped
+    moving for stall_s. Not the fleet view's own seq going still: the agent exports every TCP event
+    of the host, so someone's background connections keep it moving. Gives up when the fleet view
+    applies nothing new for stuck_s. Returns (seconds waited, whether it reached agent_seq)."""
     t0 = time.monotonic()
-    last: tuple[Any, int] | None = None
-    last_change = t0
+    last_n, n_change = -1, t0
+    last_seq, seq_change = -1, t0
+    reached = False
     while time.monotonic() - t0 < timeout_s:
         n = sub.closes(port)
         if n >= expected:
+            reached = True
             break
-        mark = (_stats(base).get("seq"), n)
-        if mark != last:
-            last, last_change = mark, time.monotonic()
-        elif time.monotonic() - last_change > stall_s:
+        now = time.monotonic()
+        if n != last_n:
+            last_n, n_change = n, now
+        if not reached:
+            hs = fleet_host_seq(base)
+            reached = hs >= agent_seq
+            if hs != last_seq:
+                last_seq, seq_change = hs, now
+            elif now - seq_change > stuck_s:
+                break
+        if reached and now - n_change > stall_s:
             break
         time.sleep(0.1)
     time.sleep(0.3)  # one more progress line, so the counts read next are final
-    return time.monotonic() - t0
+    return time.monotonic() - t0, reached
 
 
 def run_export(ctx: Context) -> dict[str, Any]:
@@ -144,7 +165,7 @@ def run_mode(ctx: Context, rnd: int, mode: str) -> dict[str, Any]:
     fleet_base = ""
     store: Path | None = None
     serve_args: list[str] = []
-    res: dict[str, Any] = {"phases": {}}
+    res: dict[str, Any] = {"phases": {}, "loadavg_before": os.getloadavg()}  # others' load shows here
     sess: TracerSession | None = None
     try:
         if mode == "export":
@@ -202,7 +223,8 @@ def run_mode(ctx: Context, rnd: int, mode: str) -> dict[str, Any]:
                 out["export_before"], out["export_after"] = e0, e1
                 out["export"] = {k: e1[k] - e0[k] for k in EXPORT_KEYS if k != "buffered"}
                 out["export"]["buffered_after"] = e1["buffered"]
-                out["fleet_drain_s"] = drain_fleet(fleet_sub, fleet_base, ports[ph], exp)
+                out["fleet_drain_s"], out["fleet_drained"] = drain_fleet(fleet_sub, fleet_base, ports[ph], exp,
+                                                                         int(st1.get("seq") or 0))
                 f1 = _stats(fleet_base)
                 out.update(fleet_cpu_s=cpu_s(fleet.pid) - fc0, nats_cpu_s=cpu_s(nats.pid) - nc0,
                            fleet_lost_export=_delta(f0, f1, "lost_export"),

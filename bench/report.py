@@ -137,6 +137,9 @@ def _export_mode(mode: str, ps: list[dict[str, Any]]) -> dict[str, Any]:
             "reconnects_max": max(p["export"]["reconnects"] for p in ps),
             "export_drained_all": all(p["export_drained"] for p in ps),
             "export_drain_s_max": max(p["export_drain_s"] for p in ps),
+            # the fleet view applied everything the agent had acknowledged (older runs: not recorded)
+            "fleet_drained_all": all(p.get("fleet_drained", True) for p in ps),
+            "fleet_drain_s_max": max(p["fleet_drain_s"] for p in ps),
             "fleet_completeness": med([p["fleet"]["completeness"] for p in ps]),
             "fleet_completeness_min": min(p["fleet"]["completeness"] for p in ps),
             "fleet_p50_ms": med([x.get("p50") for x in lat]),

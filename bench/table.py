@@ -140,7 +140,8 @@ def _export(x: dict[str, Any] | None) -> list[str]:
            f"  conn-tracer fleet and a subscriber on the fleet view's /ws?{x.get('ws_query')}; ratio = export/plain "
            "conn/s in the same round; us/conn = CPU per churn connection",
            "  drops = the agent's export.dropped (worst); acked = every published event acknowledged after each "
-           "phase; fleet complete = closes the fleet subscriber got / sockets closed"]
+           "phase; fleet complete = closes the fleet subscriber got / sockets closed;",
+           "  caught up = the fleet view applied all the agent had acknowledged (yes/NO, longest wait)"]
     hdr = (f"  {'phase':<5} {'limit/s':>7} {'plain/s':>8} {'export/s':>8} {'ratio':>6} {'serve us/conn':>13} "
            f"{'export':>6} {'fleet':>6} {'nats':>6} {'drops':>5} {'lost_k':>6} {'acked':>5} {'ev/msg':>6}")
     out.append(hdr)
@@ -154,13 +155,15 @@ def _export(x: dict[str, Any] | None) -> list[str]:
                    f"{fmt(_max2(p.get('lost_kernel_max'), e.get('lost_kernel_max'))):>6} "
                    f"{('yes' if e.get('export_drained_all') else 'NO') if e else '-':>5} "
                    f"{fmt(e.get('events_per_message'), 0):>6}")
-    hdr = (f"  {'phase':<5} {'fleet complete':>14} {'worst':>6} {'fleet p50':>9} {'p99':>6} {'p99 max':>7} "
-           f"{'max':>7} {'agent complete':>14} {'p99 plain':>9} {'p99 export':>10}   (ms)")
+    hdr = (f"  {'phase':<5} {'fleet complete':>14} {'worst':>6} {'caught up':>9} {'fleet p50':>9} {'p99':>6} "
+           f"{'p99 max':>7} {'max':>7} {'agent complete':>14} {'p99 plain':>9} {'p99 export':>10}   (ms)")
     out.append(hdr)
     for ph, d in x.get("phases", {}).items():
         p, e = d.get("plain", {}), d.get("export", {})
+        caught = (f"{'yes' if e['fleet_drained_all'] else 'NO'} {e['fleet_drain_s_max']:.0f}s"
+                  if "fleet_drained_all" in e else "-")
         out.append(f"  {ph:<5} {fmt(e.get('fleet_completeness'), 4):>14} {fmt(e.get('fleet_completeness_min'), 3):>6} "
-                   f"{fmt(e.get('fleet_p50_ms'), 1):>9} {fmt(e.get('fleet_p99_ms'), 1):>6} "
+                   f"{caught:>9} {fmt(e.get('fleet_p50_ms'), 1):>9} {fmt(e.get('fleet_p99_ms'), 1):>6} "
                    f"{fmt(e.get('fleet_p99_ms_worst'), 1):>7} {fmt(e.get('fleet_max_ms_worst'), 1):>7} "
                    f"{fmt(e.get('agent_completeness'), 4):>14} {fmt(p.get('agent_p99_ms'), 1):>9} "
                    f"{fmt(e.get('agent_p99_ms'), 1):>10}")
