@@ -1,13 +1,15 @@
 """The export phase (issue 12): one agent without and with export to NATS JetStream, side by side.
 
-Each round runs two modes, in an order alternated per round:
+Each round runs three modes back to back, in an order rotated per round:
 - `plain`: `serve` + one subscriber on the agent's `/ws?batch=256`;
 - `export`: the same `serve` and subscriber, started with `--nats URL --host-name benchA`, plus a
   fresh `nats-server -js` (its own store, removed afterwards), a `conn-tracer fleet` reading the
-  stream, and one subscriber on the fleet view's `/ws?batch=256`.
-The agent's own subscriber stays in both modes, so the agent's work differs only by the exporter;
+  stream, and one subscriber on the fleet view's `/ws?batch=256`;
+- `to-nats` (shown, not held to a target): as `export` without the fleet view and its subscriber.
+The agent's own subscriber stays in every mode, so the agent's work differs only by the exporter;
 nats-server, the fleet view and its subscriber are extra processes sharing the two cores with the
-churn, which is part of what export costs on one machine.
+churn, which is part of what export costs on one machine (in a real fleet the view runs elsewhere:
+`to-nats` shows how much of the difference is the view's).
 
 Each mode gets a 10,000/s churn (prof.latency_s) and then a max-rate churn (prof.churn_s), each on
 its own port. report.py turns the rounds into figures (summarise_export) and targets.
@@ -45,7 +47,9 @@ from session import SubscriberProc, TracerSession
 NATS_SERVER = "nats-server"
 HOST_NAME = "benchA"
 QUERY = "batch=256"
-MODES = ("plain", "export")
+# `to-nats` (shown, not a target): the agent exporting to nats-server with no fleet view reading, so
+# the fleet view's share of this machine's two cores can be told from the agent's and NATS's.
+MODES = ("plain", "export", "to-nats")
 EXPORT_KEYS = ("published", "acknowledged", "dropped", "buffered", "resent", "reconnects", "messages")
 EXPORT_DRAIN_S = 60.0   # bound on waiting for JetStream to acknowledge what the agent published
 
@@ -132,7 +136,8 @@ def run_export(ctx: Context) -> dict[str, Any]:
         raise Skip(f"{CONN_TRACER} not installed")
     rounds: list[dict[str, Any]] = []
     for rnd in range(ctx.prof.export_rounds):
-        for mode in MODES if rnd % 2 == 0 else MODES[::-1]:
+        k = rnd % len(MODES)
+        for mode in MODES[k:] + MODES[:k]:  # the order rotated per round, as the configurations
             t = time.monotonic()
             try:
                 r = run_mode(ctx, rnd, mode)
@@ -168,7 +173,7 @@ def run_mode(ctx: Context, rnd: int, mode: str) -> dict[str, Any]:
     res: dict[str, Any] = {"phases": {}, "loadavg_before": os.getloadavg()}  # others' load shows here
     sess: TracerSession | None = None
     try:
-        if mode == "export":
+        if mode != "plain":
             BUILD.mkdir(parents=True, exist_ok=True)
             store = Path(tempfile.mkdtemp(prefix="nats-", dir=BUILD))
             nport = free_port()
@@ -177,6 +182,8 @@ def run_mode(ctx: Context, rnd: int, mode: str) -> dict[str, Any]:
             n = nats
             wait_for(lambda: (n.alive() or raise_(Skip(f"nats-server exited: {n.log_tail()}"))) and nats_ready(nport),
                      20, "nats-server accepting connections")
+            serve_args = ["--nats", url, "--host-name", HOST_NAME]
+        if mode == "export":
             fport = free_port()
             fleet_base = f"http://127.0.0.1:{fport}"
             # The fleet view first, and its subscriber connected, so it sees the agent's first event.
@@ -189,7 +196,6 @@ def run_mode(ctx: Context, rnd: int, mode: str) -> dict[str, Any]:
                                        f"{name}-fleet-subscriber")
             fs = fleet_sub
             wait_for(lambda: fs.ready is not None, 20, "fleet WebSocket subscriber connected")
-            serve_args = ["--nats", url, "--host-name", HOST_NAME]
         sess = TracerSession(list(ports.values()), name, QUERY, env=env, serve_args=serve_args)
         agent = sess
         sess.start()
@@ -204,7 +210,7 @@ def run_mode(ctx: Context, rnd: int, mode: str) -> dict[str, Any]:
             exp = expected_closes(ch)
             out: dict[str, Any] = {"port": ports[ph], "churn": ch, "expected_closes": exp,
                                    "drain_s": sess.drain(ports[ph], exp)}
-            if mode == "export":
+            if nats is not None:
                 # The agent's share of the work ends when JetStream has acknowledged what it published.
                 t = time.monotonic()
                 drained = False
@@ -217,19 +223,21 @@ def run_mode(ctx: Context, rnd: int, mode: str) -> dict[str, Any]:
             out.update(cpu_s=c1 - c0, lost_kernel=_delta(st0, st1, "lost_kernel"),
                        lost_export=_delta(st0, st1, "lost_export"),
                        dropped_subscribers=_delta(st0, st1, "dropped_subscribers"))
-            if mode == "export":
-                assert fleet is not None and nats is not None and fleet_sub is not None
+            if nats is not None:
                 e0, e1 = _export_block(st0), _export_block(st1)
                 out["export_before"], out["export_after"] = e0, e1
                 out["export"] = {k: e1[k] - e0[k] for k in EXPORT_KEYS if k != "buffered"}
                 out["export"]["buffered_after"] = e1["buffered"]
+            if fleet is not None and fleet_sub is not None:
                 out["fleet_drain_s"], out["fleet_drained"] = drain_fleet(fleet_sub, fleet_base, ports[ph], exp,
                                                                          int(st1.get("seq") or 0))
                 f1 = _stats(fleet_base)
-                out.update(fleet_cpu_s=cpu_s(fleet.pid) - fc0, nats_cpu_s=cpu_s(nats.pid) - nc0,
+                out.update(fleet_cpu_s=cpu_s(fleet.pid) - fc0,
                            fleet_lost_export=_delta(f0, f1, "lost_export"),
                            fleet_dropped_subscribers=_delta(f0, f1, "dropped_subscribers"),
                            fleet_events=sum(f1.get("events", {}).values()) - sum(f0.get("events", {}).values()))
+            if nats is not None:  # after the fleet view's drain: nats-server works for it too
+                out["nats_cpu_s"] = cpu_s(nats.pid) - nc0
             res["phases"][ph] = out
         res["stats_end"] = sess.stats()
         if fleet:

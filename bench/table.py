@@ -132,42 +132,48 @@ def _export(x: dict[str, Any] | None) -> list[str]:
         return []
     if "skipped" in x:
         return ["", f"export phase skipped: {x['skipped']}"]
-    rn = x["rounds"]
-    out = ["", f"== export to NATS JetStream (issue 12): one agent, plain vs export, alternated "
-               f"({rn.get('plain', 0)}+{rn.get('export', 0)} runs); medians, worst where noted ==",
-           f"  plain = serve + a subscriber on its /ws?{x.get('ws_query')}; export = the same serve with --nats "
-           f"--host-name {x.get('host_name')} and its subscriber, plus nats-server -js,",
-           f"  conn-tracer fleet and a subscriber on the fleet view's /ws?{x.get('ws_query')}; ratio = export/plain "
-           "conn/s in the same round; us/conn = CPU per churn connection",
-           "  drops = the agent's export.dropped (worst); acked = every published event acknowledged after each "
-           "phase; fleet complete = closes the fleet subscriber got / sockets closed;",
-           "  caught up = the fleet view applied all the agent had acknowledged (yes/NO, longest wait)"]
-    hdr = (f"  {'phase':<5} {'limit/s':>7} {'plain/s':>8} {'export/s':>8} {'ratio':>6} {'serve us/conn':>13} "
-           f"{'export':>6} {'fleet':>6} {'nats':>6} {'drops':>5} {'lost_k':>6} {'acked':>5} {'ev/msg':>6}")
+    rn, q = x["rounds"], x.get("ws_query")
+    out = ["", "== export to NATS JetStream (issue 12): one agent without and with export, back to back "
+               f"({' + '.join(f'{v} {k}' for k, v in rn.items())} runs); medians, worst where noted ==",
+           f"  plain = serve + a subscriber on its /ws?{q}; export = the same serve with --nats --host-name "
+           f"{x.get('host_name')} and its subscriber,",
+           f"  plus nats-server -js, conn-tracer fleet and a subscriber on the fleet view's /ws?{q}; to-nats = export "
+           "without the fleet view and its subscriber (info)",
+           "  ratio = conn/s vs plain in the same round; us/conn = CPU per churn connection of serve, the fleet view, "
+           "nats-server; drops = serve's export.dropped (worst)",
+           "  acked = all it published acknowledged after each phase; ev/msg = events per NATS message; "
+           "agent p99 = latency at serve's own subscriber"]
+    hdr = (f"  {'phase':<5} {'mode':<7} {'limit/s':>7} {'conn/s':>7} {'ratio':>6} {'serve':>6} {'fleet':>6} "
+           f"{'nats':>6} {'drops':>6} {'lost_k':>6} {'acked':>5} {'ev/msg':>6} {'agent p99':>9}")
     out.append(hdr)
     for ph, d in x.get("phases", {}).items():
-        p, e = d.get("plain", {}), d.get("export", {})
-        lim = p.get("rate_limit") or e.get("rate_limit")
-        out.append(f"  {ph:<5} {fmt(lim or None, 0):>7} {fmt(p.get('rate'), 0):>8} {fmt(e.get('rate'), 0):>8} "
-                   f"{fmt(d.get('rate_ratio'), 3):>6} {fmt(p.get('cpu_us_per_conn'), 1):>13} "
-                   f"{fmt(e.get('cpu_us_per_conn'), 1):>6} {fmt(e.get('fleet_cpu_us_per_conn'), 1):>6} "
-                   f"{fmt(e.get('nats_cpu_us_per_conn'), 1):>6} {fmt(e.get('drops_max')):>5} "
-                   f"{fmt(_max2(p.get('lost_kernel_max'), e.get('lost_kernel_max'))):>6} "
-                   f"{('yes' if e.get('export_drained_all') else 'NO') if e else '-':>5} "
-                   f"{fmt(e.get('events_per_message'), 0):>6}")
-    hdr = (f"  {'phase':<5} {'fleet complete':>14} {'worst':>6} {'caught up':>9} {'fleet p50':>9} {'p99':>6} "
-           f"{'p99 max':>7} {'max':>7} {'agent complete':>14} {'p99 plain':>9} {'p99 export':>10}   (ms)")
+        for mode in ("plain", "export", "to-nats"):
+            e = d.get(mode)
+            if not e:
+                continue
+            acked = ("yes" if e["export_drained_all"] else "NO") if "export_drained_all" in e else "-"
+            out.append(f"  {ph:<5} {mode:<7} {fmt(e.get('rate_limit') or None, 0):>7} {fmt(e.get('rate'), 0):>7} "
+                       f"{fmt(e.get('rate_ratio', d.get('rate_ratio') if mode == 'export' else None), 3):>6} "
+                       f"{fmt(e.get('cpu_us_per_conn'), 1):>6} "
+                       f"{fmt(e.get('fleet_cpu_us_per_conn'), 1):>6} {fmt(e.get('nats_cpu_us_per_conn'), 1):>6} "
+                       f"{fmt(e.get('drops_max')):>6} {fmt(e.get('lost_kernel_max')):>6} {acked:>5} "
+                       f"{fmt(e.get('events_per_message'), 0):>6} {fmt(e.get('agent_p99_ms'), 1):>9}")
+    out.append("  fleet subscriber (export): complete = closes it got / sockets closed; caught up = the fleet view "
+               "applied all the agent had acknowledged (longest wait)")
+    hdr = (f"  {'phase':<5} {'complete':>8} {'worst':>6} {'caught up':>9} {'p50 ms':>7} {'p99 ms':>7} "
+           f"{'p99 max':>7} {'max ms':>7} {'lost_export':>11}")
     out.append(hdr)
     for ph, d in x.get("phases", {}).items():
-        p, e = d.get("plain", {}), d.get("export", {})
+        e = d.get("export", {})
+        if "fleet_completeness" not in e:
+            continue
         caught = (f"{'yes' if e['fleet_drained_all'] else 'NO'} {e['fleet_drain_s_max']:.0f}s"
                   if "fleet_drained_all" in e else "-")
-        out.append(f"  {ph:<5} {fmt(e.get('fleet_completeness'), 4):>14} {fmt(e.get('fleet_completeness_min'), 3):>6} "
-                   f"{caught:>9} {fmt(e.get('fleet_p50_ms'), 1):>9} {fmt(e.get('fleet_p99_ms'), 1):>6} "
+        out.append(f"  {ph:<5} {fmt(e['fleet_completeness'], 4):>8} {fmt(e['fleet_completeness_min'], 3):>6} "
+                   f"{caught:>9} {fmt(e.get('fleet_p50_ms'), 1):>7} {fmt(e.get('fleet_p99_ms'), 1):>7} "
                    f"{fmt(e.get('fleet_p99_ms_worst'), 1):>7} {fmt(e.get('fleet_max_ms_worst'), 1):>7} "
-                   f"{fmt(e.get('agent_completeness'), 4):>14} {fmt(p.get('agent_p99_ms'), 1):>9} "
-                   f"{fmt(e.get('agent_p99_ms'), 1):>10}")
-    out.append(f"  fleet latency from: {', '.join(x.get('latency_source', [])) or '-'} (ts_ns: the agent's kernel "
+                   f"{fmt(e.get('fleet_lost_export_max')):>11}")
+    out.append(f"  fleet latency from: {', '.join(x.get('latency_source', [])) or '-'} (ts_ns = the agent's kernel "
                f"CLOCK_MONOTONIC, same machine); fleet seq regressions {x.get('fleet_seq_regressions')}")
     out += [f"  {why}" for why in x.get("problems", [])]
     return out
