@@ -126,8 +126,6 @@ def _export_mode(mode: str, ps: list[dict[str, Any]]) -> dict[str, Any]:
         d.update({
             "nats_cpu_us_per_conn": med([_per_conn_us(p["nats_cpu_s"], p["churn"]) for p in ps]),
             "drops_max": max(max(p["export"]["dropped"], p["lost_export"]) for p in ps),
-            "fleet_lost_export_max": max(p["fleet_lost_export"] for p in ps),
-            "fleet_dropped_subscribers_max": max(p["fleet_dropped_subscribers"] for p in ps),
             "published": med([p["export"]["published"] for p in ps]),
             "events_per_message": med([p["export"]["acknowledged"] / p["export"]["messages"] for p in ps
                                        if p["export"]["messages"]]),
@@ -140,6 +138,8 @@ def _export_mode(mode: str, ps: list[dict[str, Any]]) -> dict[str, Any]:
         lat = [p["fleet"]["latency_ms"] for p in ps]
         d.update({
             "fleet_cpu_us_per_conn": med([_per_conn_us(p["fleet_cpu_s"], p["churn"]) for p in ps]),
+            "fleet_lost_export_max": max(p["fleet_lost_export"] for p in ps),
+            "fleet_dropped_subscribers_max": max(p["fleet_dropped_subscribers"] for p in ps),
             # the fleet view applied everything the agent had acknowledged (older runs: not recorded)
             "fleet_drained_all": all(p.get("fleet_drained", True) for p in ps),
             "fleet_drain_s_max": max(p["fleet_drain_s"] for p in ps),
@@ -235,7 +235,11 @@ def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: di
                             "anon_mb_before": before.get("RssAnon", 0) / 1024, "rate": rss["churn"]["rate"],
                             "completeness": rss.get("completeness"), "lost_kernel": st.get("lost_kernel"),
                             "dropped_subscribers": st.get("dropped_subscribers")}
-    ex = summarise_export(export)
+    try:
+        ex = summarise_export(export)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        # A figure this code cannot make must not cost the run: its rounds stay in the JSON.
+        ex = {"skipped": f"summary failed: {exc!r} (rounds kept in the run's JSON under 'export')"}
     if ex is not None:
         s["export"] = ex
     return s
