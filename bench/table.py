@@ -142,9 +142,10 @@ def _export(x: dict[str, Any] | None) -> list[str]:
            "  ratio = conn/s vs plain in the same round; us/conn = CPU per churn connection of serve, the fleet view, "
            "nats-server; drops = serve's export.dropped (worst)",
            "  acked = all it published acknowledged after each phase; ev/msg = events per NATS message; "
-           "agent p99 = latency at serve's own subscriber"]
+           "agent p99, complete = at serve's own subscriber",
+           "  (read a ratio with completeness: an agent that drops events also spends less CPU on them)"]
     hdr = (f"  {'phase':<5} {'mode':<7} {'limit/s':>7} {'conn/s':>7} {'ratio':>6} {'serve':>6} {'fleet':>6} "
-           f"{'nats':>6} {'drops':>6} {'lost_k':>6} {'acked':>5} {'ev/msg':>6} {'agent p99':>9}")
+           f"{'nats':>6} {'drops':>6} {'lost_k':>6} {'acked':>5} {'ev/msg':>6} {'agent p99':>9} {'complete':>8}")
     out.append(hdr)
     for ph, d in x.get("phases", {}).items():
         for mode in ("plain", "export", "to-nats"):
@@ -157,7 +158,8 @@ def _export(x: dict[str, Any] | None) -> list[str]:
                        f"{fmt(e.get('cpu_us_per_conn'), 1):>6} "
                        f"{fmt(e.get('fleet_cpu_us_per_conn'), 1):>6} {fmt(e.get('nats_cpu_us_per_conn'), 1):>6} "
                        f"{fmt(e.get('drops_max')):>6} {fmt(e.get('lost_kernel_max')):>6} {acked:>5} "
-                       f"{fmt(e.get('events_per_message'), 0):>6} {fmt(e.get('agent_p99_ms'), 1):>9}")
+                       f"{fmt(e.get('events_per_message'), 0):>6} {fmt(e.get('agent_p99_ms'), 1):>9} "
+                       f"{fmt(e.get('agent_completeness'), 4):>8}")
     out.append("  fleet subscriber (export): complete = closes it got / sockets closed; caught up = the fleet view "
                "applied all the agent had acknowledged (longest wait)")
     hdr = (f"  {'phase':<5} {'complete':>8} {'worst':>6} {'caught up':>9} {'p50 ms':>7} {'p99 ms':>7} "
