@@ -63,7 +63,7 @@ from app.bpf.event import (
     EventRecord,
 )
 from app.config import Settings
-from app.export import H_HOST, H_RUN, connect_options, ensure_stream
+from app.export import H_HOST, H_RUN, MAX_MESSAGE_BYTES, connect_options, ensure_stream
 from app.filters import FLEET_HOST, Filter, Predicate
 from app.hub import EventHub
 from app.models import Connection, Event, EventWriter, Texts
@@ -77,7 +77,11 @@ HOST = FLEET_HOST          # record slot: the host name
 TEXT = FLEET_HOST + 1      # record slot: the event's fleet JSON after '{"seq":N,'
 FAILED = frozenset({"refused", "timeout", "reset"})
 CONNECTION_FIELDS = frozenset(Connection.model_fields)
-MAX_ACK_PENDING = 256      # messages in flight to us (each up to nats_batch_events events)
+NATS_MAX_PENDING = 64 << 20   # nats-server's default bound on bytes waiting to be sent to one client
+# Messages in flight to us (each up to MAX_MESSAGE_BYTES): half that bound at most, else a fleet view
+# that falls behind under churn is cut off as a slow consumer and loops reconnecting (bench/export.py
+# at max rate with 256 in flight: five cuts in one run, then no consumer at all).
+MAX_ACK_PENDING = NATS_MAX_PENDING // (2 * MAX_MESSAGE_BYTES)   # 64
 HEARTBEAT_S = 2.0          # the consumer says it is alive this often when idle
 FIRST_CONNECT_S = 3.0      # how long start-up tries to reach NATS before it gives up
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

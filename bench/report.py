@@ -16,6 +16,8 @@ SHOWN_TRACERS = (*TRACERS, "baseline/batch")   # the baseline is shown, not held
 PEERS = ("tcplife", "tcpstates")
 COUNTING = ("floor", "bare", "empty")
 PHASES = ("low", "rate", "max")
+EXPORT_MODES = ("plain", "export", "to-nats")   # bench/export.py: the same agent without and with --nats
+EXPORT_PHASES = ("rate", "max")
 
 
 def med(xs: list[Any]) -> float | None:
@@ -111,8 +113,85 @@ def _counting(rs: list[dict[str, Any]]) -> dict[str, Any]:
             "lost_kernel_max": max(r.get("lost_kernel", 0) for r in rs)}
 
 
+def _export_mode(mode: str, ps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's figures for one phase of the export rounds: medians, worst where named so."""
+    d: dict[str, Any] = {
+        "rate_limit": ps[0]["churn"]["rate_limit"], "rate": med([p["churn"]["rate"] for p in ps]),
+        "cpu_us_per_conn": med([_per_conn_us(p["cpu_s"], p["churn"]) for p in ps]),
+        "lost_kernel_max": max(p["lost_kernel"] for p in ps),
+        "dropped_subscribers_max": max(p["dropped_subscribers"] for p in ps),
+        "agent_completeness": med([p["agent"]["completeness"] for p in ps]),
+        "agent_completeness_min": min(p["agent"]["completeness"] for p in ps),
+        "agent_p99_ms": med([p["agent"]["latency_ms"].get("p99") for p in ps]),
+    }
+    if "export" in ps[0]:   # export and to-nats: the agent's exporter and nats-server
+        d.update({
+            "nats_cpu_us_per_conn": med([_per_conn_us(p["nats_cpu_s"], p["churn"]) for p in ps]),
+            "drops_max": max(max(p["export"]["dropped"], p["lost_export"]) for p in ps),
+            "published": med([p["export"]["published"] for p in ps]),
+            "events_per_message": med([p["export"]["acknowledged"] / p["export"]["messages"] for p in ps
+                                       if p["export"]["messages"]]),
+            "resent_max": max(p["export"]["resent"] for p in ps),
+            "reconnects_max": max(p["export"]["reconnects"] for p in ps),
+            "export_drained_all": all(p["export_drained"] for p in ps),
+            "export_drain_s_max": max(p["export_drain_s"] for p in ps),
+        })
+    if "fleet_cpu_s" in ps[0]:   # export: the fleet view and its subscriber
+        lat = [p["fleet"]["latency_ms"] for p in ps]
+        d.update({
+            "fleet_cpu_us_per_conn": med([_per_conn_us(p["fleet_cpu_s"], p["churn"]) for p in ps]),
+            "fleet_lost_export_max": max(p["fleet_lost_export"] for p in ps),
+            "fleet_dropped_subscribers_max": max(p["fleet_dropped_subscribers"] for p in ps),
+            # the fleet view applied everything the agent had acknowledged (older runs: not recorded)
+            "fleet_drained_all": all(p.get("fleet_drained", True) for p in ps),
+            "fleet_drain_s_max": max(p["fleet_drain_s"] for p in ps),
+            "fleet_completeness": med([p["fleet"]["completeness"] for p in ps]),
+            "fleet_completeness_min": min(p["fleet"]["completeness"] for p in ps),
+            "fleet_p50_ms": med([x.get("p50") for x in lat]),
+            "fleet_p99_ms": med([x.get("p99") for x in lat]),
+            "fleet_p99_ms_worst": _max([x.get("p99") for x in lat]),
+            "fleet_max_ms_worst": _max([x.get("max") for x in lat]),
+        })
+    return d
+
+
+def summarise_export(x: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The export phase (bench/export.py): plain vs export per churn phase, ratios within a round."""
+    if not x:
+        return None
+    if "rounds" not in x:
+        return {"skipped": x.get("skipped") or x.get("error") or "not run"}
+    ok = [r for r in x["rounds"] if "phases" in r]
+    by = {m: [r for r in ok if r["mode"] == m] for m in EXPORT_MODES}
+    out: dict[str, Any] = {
+        "rounds": {m: len(rs) for m, rs in by.items()}, "host_name": x.get("host_name"), "ws_query": x.get("ws_query"),
+        "problems": [f"round {r['round']} {r['mode']}: {r.get('skipped') or r.get('error')}" for r in x["rounds"]
+                     if "phases" not in r],
+        "latency_source": sorted({r.get("fleet_subscriber", {}).get("latency_source", "?") for r in by["export"]}),
+        "fleet_seq_regressions": sum(r.get("fleet_subscriber", {}).get("seq_regressions", 0) for r in by["export"]),
+        "phases": {}}
+    for ph in EXPORT_PHASES:
+        d: dict[str, Any] = {}
+        for m in EXPORT_MODES:
+            ps = [r["phases"][ph] for r in by[m] if ph in r["phases"]]
+            if ps:
+                d[m] = _export_mode(m, ps)
+        # Ratios within a round (the modes ran back to back), then the median over rounds.
+        for m in EXPORT_MODES[1:]:
+            pairs = [(p, e) for p in by["plain"] for e in by[m]
+                     if p["round"] == e["round"] and ph in p["phases"] and ph in e["phases"]]
+            if m in d:
+                d[m]["rate_ratio"] = med([e["phases"][ph]["churn"]["rate"] / max(1.0, p["phases"][ph]["churn"]["rate"])
+                                          for p, e in pairs])
+        d["rate_ratio"] = d.get("export", {}).get("rate_ratio")   # export / plain: the target's figure
+        out["phases"][ph] = d
+    if not ok:
+        out["skipped"] = "; ".join(out["problems"]) or "no round ran"
+    return out
+
+
 def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: dict[str, Any] | None,
-              configs: list[str]) -> dict[str, Any]:
+              configs: list[str], export: dict[str, Any] | None = None) -> dict[str, Any]:
     by: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     for r in rounds:
         if "skipped" not in r and "error" not in r:
@@ -158,6 +237,13 @@ def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: di
                             "anon_mb_before": before.get("RssAnon", 0) / 1024, "rate": rss["churn"]["rate"],
                             "completeness": rss.get("completeness"), "lost_kernel": st.get("lost_kernel"),
                             "dropped_subscribers": st.get("dropped_subscribers")}
+    try:
+        ex = summarise_export(export)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        # A figure this code cannot make must not cost the run: its rounds stay in the JSON.
+        ex = {"skipped": f"summary failed: {exc!r} (rounds kept in the run's JSON under 'export')"}
+    if ex is not None:
+        s["export"] = ex
     return s
 
 
@@ -166,8 +252,8 @@ def targets(s: dict[str, Any], prof: Profile) -> list[dict[str, Any]]:
     c = s["configs"]
     rows: list[dict[str, Any]] = []
 
-    def add(name: str, value: Any, want: str, ok: Any) -> None:
-        rows.append({"target": name, "value": value, "want": want,
+    def add(name: str, value: Any, want: str, ok: Any, section: str = "issue 8") -> None:
+        rows.append({"target": name, "value": value, "want": want, "section": section,
                      "pass": None if value is None or ok is None else bool(ok)})
 
     life = c.get("tcplife", {}).get("overhead_ratio")
@@ -202,4 +288,24 @@ def targets(s: dict[str, Any], prof: Profile) -> list[dict[str, Any]]:
     add(f"RSS after {n} conns (MB)", rss and rss["rss_mb"], "<= 150", rss and rss["rss_mb"] <= 150)
     ir = s.get("iperf_ratio")
     add("iperf3 throughput vs untraced", ir, ">= 0.97", ir is not None and ir >= 0.97)
+
+    if not (c or rss or ir is not None):
+        rows.clear()  # nothing of issue 8 ran (run.py --only-export): no rows of n/a
+
+    # Issue 12: one agent exporting to NATS JetStream, read by a fleet view (bench/export.py).
+    xp = s.get("export", {}).get("phases", {})
+    rate_x = xp.get("rate", {}).get("export", {})
+    max_ratio = xp.get("max", {}).get("rate_ratio")
+    drops = rate_x.get("drops_max")
+    p99 = rate_x.get("fleet_p99_ms")
+    where = f"{prof.latency_rate:,.0f}/s"
+    if rate_x.get("rate_limit") and rate_x["rate"] < 0.95 * rate_x["rate_limit"]:
+        where += f" [got {rate_x['rate']:,.0f}/s]"  # the machine could not offer the rate
+    add(f"export: drops @{where} (worst)", drops, "== 0", drops == 0, "issue 12")
+    add("export: rate vs no export at max", max_ratio, ">= 0.97", max_ratio is not None and max_ratio >= 0.97,
+        "issue 12")
+    no_view = xp.get("max", {}).get("to-nats", {}).get("rate_ratio")
+    add("  the same without the fleet view on this machine", no_view, "reported (no target)", None, "issue 12")
+    add(f"export: p99 kernel->fleet subscriber @{where} (ms)", p99, "<= 100", p99 is not None and p99 <= 100,
+        "issue 12")
     return rows

@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 
 import kernel
 from configs import BASELINE, CONFIGS, TRACER_QUERIES, Context
+from export import run_export
 from extras import run_iperf, run_profile, run_rss
 from harness import BUILD, CONN_TRACER, FULL, QUICK, RESULTS, ROOT, RUNS, VENV_PY, Churn, Skip, build_churn, stop_all
 from report import summarise, targets
@@ -74,7 +75,7 @@ def baseline_worktree(rev: str) -> Path:
 
 def run_rounds(ctx: Context, configs: list[str], skipped: dict[str, str]) -> list[dict[str, Any]]:
     rounds: list[dict[str, Any]] = []
-    for rnd in range(ctx.prof.rounds):
+    for rnd in range(ctx.prof.rounds if configs else 0):
         k = rnd % len(configs)
         for cfg in configs[k:] + configs[:k]:  # rotate the order each round
             if cfg in skipped:
@@ -134,6 +135,11 @@ def parse_args() -> argparse.Namespace:
                     help="do not switch kernel.bpf_stats_enabled on during the max-rate churns (no BPF figures)")
     ap.add_argument("--skip-iperf", action="store_true")
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--skip-export", action="store_true",
+                    help="no export phase (serve without and with --nats, a fleet view, nats-server -js)")
+    ap.add_argument("--only-export", action="store_true",
+                    help="only the export phase: no configuration rounds, iperf3, memory or profile")
+    ap.add_argument("--export-rounds", type=int, metavar="N", help="export phase rounds (default 3 full, 1 quick)")
     ap.add_argument("--rss-count", type=int, help="connections for the memory test (default 1,000,000; quick: 0)")
     ap.add_argument("--profile", type=float, metavar="SECONDS",
                     help="py-spy on serve during a churn of this many seconds (default: 10 full, 0 quick)")
@@ -147,6 +153,8 @@ def parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     if args.save_reference and args.quick:
         ap.error("--save-reference wants a full run, not --quick")
+    if args.only_export and (args.skip_export or args.save_reference):
+        ap.error("--only-export runs the export phase alone: not with --skip-export or --save-reference")
     bad = {c for c in args.configs.split(",") if c} - set(CONFIGS)
     if bad:
         ap.error(f"unknown configs: {sorted(bad)}; choose from {','.join(CONFIGS)}")
@@ -173,8 +181,12 @@ def main() -> int:
         prof.rss_count = args.rss_count
     if args.skip_rss:
         prof.rss_count = 0
+    if args.export_rounds is not None:
+        prof.export_rounds = args.export_rounds
     if args.profile is None:
         args.profile = 0 if args.quick else 10
+    if args.only_export:
+        args.configs, args.baseline, args.skip_iperf, prof.rss_count, args.profile = "", None, True, 0, 0
     wanted = args.configs.split(",") + ([BASELINE] if args.baseline else [])
     configs = [c for c in CONFIGS if c in wanted]  # table order
     baseline_tree = baseline_worktree(args.baseline) if args.baseline else None
@@ -188,6 +200,7 @@ def main() -> int:
     iperf: list[dict[str, Any]] = []
     rss: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
     try:
         rounds = run_rounds(ctx, configs, skipped)
         # The other phases run serve with one subscriber: all events in batches if that config ran.
@@ -202,10 +215,13 @@ def main() -> int:
         if args.profile and tracer:
             print("py-spy profile ...", flush=True)
             profile = guarded(lambda: run_profile(ctx, tracer, args.profile, RUNS / f"{stamp}-profile-collapsed.txt"))
+        if not args.skip_export and prof.export_rounds:
+            print(f"export to NATS: plain vs export, {prof.export_rounds} rounds ...", flush=True)
+            export = guarded(lambda: run_export(ctx))
     finally:
         stop_all()
 
-    s = summarise(rounds, iperf, rss, configs)
+    s = summarise(rounds, iperf, rss, configs, export)
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "app"], capture_output=True,
                            text=True).stdout.strip()
@@ -215,7 +231,7 @@ def main() -> int:
                  "ws_queries": TRACER_QUERIES, "bpf_stats": args.bpf_stats, "profile": asdict(prof),
                  "argv": sys.argv[1:], "wall_s": round(time.time() - started, 1), "closes_counted": CLOSES_COUNTED},
         "skipped": skipped, "summary": s, "targets": targets(s, prof), "rounds": rounds, "iperf": iperf, "rss": rss,
-        "profile": profile,
+        "profile": profile, "export": export,
     }
     table = render(result)
     print("\n" + table, end="")

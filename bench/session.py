@@ -62,10 +62,11 @@ class TracerSession:
     """`conn-tracer serve` plus one WebSocket subscriber, with start-up timings."""
 
     def __init__(self, ports: list[int], name: str, ws_query: str, serve_cmd: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, serve_args: list[str] | None = None) -> None:
         self.ws_query = ws_query  # "batch=256", "type=close", "" (per-message, everything)
         # How to run conn-tracer: this tree's console script, or (--baseline) another tree's app.cli.
         self.serve_cmd = serve_cmd or [str(CONN_TRACER)]
+        self.serve_args = serve_args or []  # after `serve --host --port`, e.g. the export phase's --nats
         self.env = env
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
@@ -85,7 +86,8 @@ class TracerSession:
                                   f"{self.name}-subscriber")
         time.sleep(0.5)
         self.serve = Proc(f"{self.name}-serve", [*self.serve_cmd, "serve", "--host", "127.0.0.1",
-                                                 "--port", str(self.http_port)], env=self.env)
+                                                 "--port", str(self.http_port), *self.serve_args],
+                          env=self.env)
         spawn = self.serve.spawn_ns
         serve = self.serve
 

@@ -71,6 +71,8 @@ def _phases(c: dict[str, Any]) -> list[str]:
 
 
 def _kernel(c: dict[str, Any], order: list[str]) -> list[str]:
+    if not any(c.get(cfg, {}).get("bpf") for cfg in order):
+        return []
     out = ["", "== in-kernel BPF time during the max-rate churn (bpf_stats on for that window only; medians "
            "over rounds) ==",
            "  programs found through the consumer's own fds; runs/conn and us/conn per churn connection "
@@ -125,9 +127,71 @@ def _others(s: dict[str, Any]) -> list[str]:
     return out if len(out) > 1 else []
 
 
+def _export(x: dict[str, Any] | None) -> list[str]:
+    if not x:
+        return []
+    if "skipped" in x:
+        return ["", f"export phase skipped: {x['skipped']}"]
+    rn, q = x["rounds"], x.get("ws_query")
+    out = ["", "== export to NATS JetStream (issue 12): one agent without and with export, back to back "
+               f"({' + '.join(f'{v} {k}' for k, v in rn.items())} runs); medians, worst where noted ==",
+           f"  plain = serve + a subscriber on its /ws?{q}; export = the same serve with --nats --host-name "
+           f"{x.get('host_name')} and its subscriber,",
+           f"  plus nats-server -js, conn-tracer fleet and a subscriber on the fleet view's /ws?{q}; to-nats = export "
+           "without the fleet view and its subscriber (info)",
+           "  ratio = conn/s vs plain in the same round; us/conn = CPU per churn connection of serve, the fleet view, "
+           "nats-server; drops = serve's export.dropped (worst)",
+           "  acked = all it published acknowledged after each phase; ev/msg = events per NATS message; "
+           "agent p99, complete = at serve's own subscriber",
+           "  (read a ratio with completeness: an agent that drops events also spends less CPU on them)"]
+    hdr = (f"  {'phase':<5} {'mode':<7} {'limit/s':>7} {'conn/s':>7} {'ratio':>6} {'serve':>6} {'fleet':>6} "
+           f"{'nats':>6} {'drops':>6} {'lost_k':>6} {'acked':>5} {'ev/msg':>6} {'agent p99':>9} {'complete':>8}")
+    out.append(hdr)
+    for ph, d in x.get("phases", {}).items():
+        for mode in ("plain", "export", "to-nats"):
+            e = d.get(mode)
+            if not e:
+                continue
+            acked = ("yes" if e["export_drained_all"] else "NO") if "export_drained_all" in e else "-"
+            out.append(f"  {ph:<5} {mode:<7} {fmt(e.get('rate_limit') or None, 0):>7} {fmt(e.get('rate'), 0):>7} "
+                       f"{fmt(e.get('rate_ratio', d.get('rate_ratio') if mode == 'export' else None), 3):>6} "
+                       f"{fmt(e.get('cpu_us_per_conn'), 1):>6} "
+                       f"{fmt(e.get('fleet_cpu_us_per_conn'), 1):>6} {fmt(e.get('nats_cpu_us_per_conn'), 1):>6} "
+                       f"{fmt(e.get('drops_max')):>6} {fmt(e.get('lost_kernel_max')):>6} {acked:>5} "
+                       f"{fmt(e.get('events_per_message'), 0):>6} {fmt(e.get('agent_p99_ms'), 1):>9} "
+                       f"{fmt(e.get('agent_completeness'), 4):>8}")
+    out.append("  fleet subscriber (export): complete = closes it got / sockets closed; caught up = the fleet view "
+               "applied all the agent had acknowledged (longest wait)")
+    hdr = (f"  {'phase':<5} {'complete':>8} {'worst':>6} {'caught up':>9} {'p50 ms':>7} {'p99 ms':>7} "
+           f"{'p99 max':>7} {'max ms':>7} {'lost_export':>11}")
+    out.append(hdr)
+    for ph, d in x.get("phases", {}).items():
+        e = d.get("export", {})
+        if "fleet_completeness" not in e:
+            continue
+        caught = (f"{'yes' if e['fleet_drained_all'] else 'NO'} {e['fleet_drain_s_max']:.0f}s"
+                  if "fleet_drained_all" in e else "-")
+        out.append(f"  {ph:<5} {fmt(e['fleet_completeness'], 4):>8} {fmt(e['fleet_completeness_min'], 3):>6} "
+                   f"{caught:>9} {fmt(e.get('fleet_p50_ms'), 1):>7} {fmt(e.get('fleet_p99_ms'), 1):>7} "
+                   f"{fmt(e.get('fleet_p99_ms_worst'), 1):>7} {fmt(e.get('fleet_max_ms_worst'), 1):>7} "
+                   f"{fmt(e.get('fleet_lost_export_max')):>11}")
+    out.append(f"  fleet latency from: {', '.join(x.get('latency_source', [])) or '-'} (ts_ns = the agent's kernel "
+               f"CLOCK_MONOTONIC, same machine); fleet seq regressions {x.get('fleet_seq_regressions')}")
+    out += [f"  {why}" for why in x.get("problems", [])]
+    return out
+
+
+def _max2(a: Any, b: Any) -> Any:
+    return max((v for v in (a, b) if v is not None), default=None)
+
+
 def _targets(tg: list[dict[str, Any]]) -> list[str]:
-    out = ["", "== targets (issue 8) =="]
+    out: list[str] = []
+    section = None
     for t in tg:
+        if t.get("section", "issue 8") != section:  # runs before issue 12 have no section: all issue 8
+            section = t.get("section", "issue 8")
+            out += ["", f"== targets ({section}) =="]
         mark = {True: "PASS", False: "FAIL"}.get(t["pass"], "n/a " if t["value"] is None else "info")
         out.append(f"  [{mark}] {t['target']:<50} {fmt(t['value']):>10}   want {t['want']}")
     return out
@@ -153,8 +217,9 @@ def render(result: dict[str, Any]) -> str:
     head = (f"conn-tracer bench {m.get('timestamp')}: git {m.get('git')}, kernel {m.get('kernel')}, "
             f"{m.get('cpus')} CPUs, {'quick' if m.get('quick') else 'full'} ({prof.get('rounds')} rounds, "
             f"{prof.get('churn_s')} s max-rate churn), argv {' '.join(m.get('argv', [])) or '-'}")
-    lines = [head, ""] + _configs(s["configs"], order, result.get("skipped", {}))
+    lines = [head] + (["", *_configs(s["configs"], order, result.get("skipped", {}))] if order else [])
     if any(cfg in s["configs"] for cfg in TRACERS):
         lines += _phases(s["configs"])
-    lines += _kernel(s["configs"], order) + _others(s) + _targets(result["targets"]) + _profile(result.get("profile"))
+    lines += (_kernel(s["configs"], order) + _others(s) + _export(s.get("export")) + _targets(result["targets"])
+              + _profile(result.get("profile")))
     return "\n".join(lines) + "\n"

@@ -21,8 +21,9 @@ from websockets.sync.client import ClientConnection
 from app.api.app import create_app
 from app.bpf.event import CR_REFUSED
 from app.config import Settings
+from app.export import MAX_MESSAGE_BYTES
 from app.filters import Filter
-from app.fleet import FleetCore
+from app.fleet import MAX_ACK_PENDING, FleetCore
 from app.models import EventWriter, Texts
 from app.service import Core
 from tests.evfactory import TEXTS, ev
@@ -438,3 +439,9 @@ def test_fleet_metrics_count_every_hosts_closes() -> None:
     assert samples[("conn_tracer_rtt_seconds_count", (("role", "client"),))] == 2
     assert samples[("conn_tracer_lost_events_total", (("source", "export"),))] == 0
     assert client.get("/connections/hostB:c1/events").json()[-1]["srtt_us"] == 90
+
+
+def test_fleet_in_flight_fits_nats_servers_client_buffer() -> None:
+    """What the consumer lets JetStream send ahead fits nats-server's default max_pending (64 MiB):
+    beyond it the server cuts a fleet view that fell behind as a slow consumer."""
+    assert 16 <= MAX_ACK_PENDING and MAX_ACK_PENDING * MAX_MESSAGE_BYTES <= 64 << 20
