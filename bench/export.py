@@ -34,7 +34,9 @@ from harness import (
     CONN_TRACER,
     Proc,
     Skip,
+    busy_fraction,
     cpu_s,
+    cpu_times,
     expected_closes,
     free_port,
     healthz_ok,
@@ -206,9 +208,11 @@ def run_mode(ctx: Context, rnd: int, mode: str) -> dict[str, Any]:
             f0 = _stats(fleet_base) if fleet else {}
             fc0 = cpu_s(fleet.pid) if fleet else 0.0
             nc0 = cpu_s(nats.pid) if nats else 0.0
+            m0 = cpu_times()
             ch = ctx.churn.run(ports[ph], secs, rate=rate)
+            busy = busy_fraction(m0, cpu_times())
             exp = expected_closes(ch)
-            out: dict[str, Any] = {"port": ports[ph], "churn": ch, "expected_closes": exp,
+            out: dict[str, Any] = {"port": ports[ph], "churn": ch, "expected_closes": exp, "machine_busy": busy,
                                    "drain_s": sess.drain(ports[ph], exp)}
             if nats is not None:
                 # The agent's share of the work ends when JetStream has acknowledged what it published.

@@ -156,6 +156,17 @@ def cpu_s(pid: int) -> float:
     return total / CLK_TCK
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat: busy_fraction() of two readings says how loaded the
+    machine was in between (idle and iowait are not busy)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(f) - f[3] - f[4], sum(f)
+
+
+def busy_fraction(a: tuple[int, int], b: tuple[int, int]) -> float:
+    return (b[0] - a[0]) / max(1, b[1] - a[1])
+
+
 def memory_kb(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
     with contextlib.suppress(OSError):

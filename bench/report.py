@@ -123,6 +123,8 @@ def _export_mode(mode: str, ps: list[dict[str, Any]]) -> dict[str, Any]:
         "agent_completeness": med([p["agent"]["completeness"] for p in ps]),
         "agent_completeness_min": min(p["agent"]["completeness"] for p in ps),
         "agent_p99_ms": med([p["agent"]["latency_ms"].get("p99") for p in ps]),
+        # all CPUs during the churn (older runs: not recorded): at 1.0 every process queues for a core
+        "machine_busy": med([p["machine_busy"] for p in ps if "machine_busy" in p]),
     }
     if "export" in ps[0]:   # export and to-nats: the agent's exporter and nats-server
         d.update({
