@@ -5,6 +5,12 @@ into a BPF_RINGBUF_OUTPUT; user space consumes it with a ctypes callback that on
 decoding, no table, no JSON: whatever CPU this process uses per record is the cost of bcc's ring
 buffer path itself. Prints ``ready`` once attached, and one JSON summary line on SIGINT/SIGTERM.
 
+With ``--empty``, the attach floor instead: an empty program on each raw tracepoint conn-tracer's
+tracer.c uses (inet_sock_set_state, sk_data_ready, sock_send_length, sock_recv_length) and no
+records. The BPF time those programs take per connection is what running a program on those
+hooks costs before it does any work (bpf_stats' own timing included): the part of conn-tracer's
+in-kernel time no change to its programs can remove.
+
 Run as root with Debian's python3-bpfcc importable (the project venv has system site packages).
 """
 
@@ -65,6 +71,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
 """
 
 
+EMPTY_HOOKS = ("inet_sock_set_state", "sk_data_ready", "sock_send_length", "sock_recv_length")
+EMPTY_TEXT = "\n".join(f"RAW_TRACEPOINT_PROBE({hook}) {{ return 0; }}" for hook in EMPTY_HOOKS)
+
+
 class Counter:
     """Holds the only state the callback touches."""
 
@@ -79,14 +89,18 @@ class Counter:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=1024, help="ring buffer pages (conn-tracer's default)")
+    parser.add_argument("--empty", action="store_true", help="empty programs on tracer.c's hooks, no records")
     args = parser.parse_args()
 
     from bcc import BPF  # imported late so --help works without root
 
     started = time.monotonic()
-    bpf = BPF(text=BPF_TEXT, cflags=[f"-DRINGBUF_PAGES={args.pages}"])
     counter = Counter()
-    bpf["events"].open_ring_buffer(counter.on_event)
+    if args.empty:
+        bpf = BPF(text=EMPTY_TEXT)   # bcc attaches RAW_TRACEPOINT_PROBE functions itself
+    else:
+        bpf = BPF(text=BPF_TEXT, cflags=[f"-DRINGBUF_PAGES={args.pages}"])
+        bpf["events"].open_ring_buffer(counter.on_event)
     compile_s = time.monotonic() - started
 
     stopping = False
@@ -99,9 +113,13 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     print("ready", flush=True)
     while not stopping:
-        bpf.ring_buffer_poll(100)  # ms; the signal flag is checked between polls
-    bpf.ring_buffer_consume()  # whatever is still queued
-    lost = int(bpf["lost"][0].value)
+        if args.empty:
+            time.sleep(0.1)
+        else:
+            bpf.ring_buffer_poll(100)  # ms; the signal flag is checked between polls
+    if not args.empty:
+        bpf.ring_buffer_consume()  # whatever is still queued
+    lost = 0 if args.empty else int(bpf["lost"][0].value)
     print(json.dumps({"events": counter.events, "lost_kernel": lost, "compile_s": round(compile_s, 3)}), flush=True)
     bpf.cleanup()
     return 0
