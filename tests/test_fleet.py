@@ -414,6 +414,21 @@ def test_fleet_applies_batches_per_host_dedups_and_counts_gaps() -> None:
     assert again is not None and (again.src_port, again.state, again.closed_at) == (50001, "SYN_SENT", None)
 
 
+def test_fleet_counts_bad_lines_and_keeps_the_rest_of_their_batch() -> None:
+    """A line that is not JSON, and one missing a field the fleet view reads, are counted as bad events;
+    the good events of the same message are applied, in order."""
+    core = FleetCore(Settings(nats_url="nats://127.0.0.1:1"))
+    good = _message("hostA", [(1, ev("syn_sent", 1, 0)), (2, ev("established", 1, 1))]).split(b"\n")
+    no_port = json.loads(_message("hostA", [(3, ev("close", 1, 2))]))
+    del no_port["src_port"]
+    data = b"\n".join([good[0], b"{not json", good[1], json.dumps(no_port).encode()])
+    core.apply_message(data, {"Conntracer-Host": "hostA", "Conntracer-Run": "r1"}, "conntracer.hostA.events")
+    assert core.decode_errors() == 2
+    assert [json.loads(t)["host_seq"] for t in core.hub.events_after(0, 10)] == [1, 2]
+    conn = core.table.get("hostA:c1")
+    assert conn is not None and conn.state == "ESTABLISHED"
+
+
 def test_agent_host_filter_is_all_or_nothing() -> None:
     """An agent serves one host: host=<its name> keeps everything, another name nothing."""
     core = Core(Settings(host_name="hostA"), lambda s: None)  # type: ignore[arg-type,return-value]
