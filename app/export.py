@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import nats
@@ -170,13 +171,15 @@ class Exporter:
 
     def _next_batch(self) -> tuple[int, bytes, dict[str, str]]:
         """The oldest buffered events as one message; its headers name them (fixed for resends)."""
-        texts: list[str] = []
-        size = 0
-        for t in self.buffer:
-            if texts and (len(texts) >= self.settings.nats_batch_events or size + len(t) + 1 > MAX_MESSAGE_BYTES):
-                break
-            texts.append(t)
-            size += len(t) + 1
+        texts = list(islice(self.buffer, self.settings.nats_batch_events))
+        if sum(map(len, texts)) + len(texts) > MAX_MESSAGE_BYTES:   # rare: events of unusual size
+            size, n = 0, 0
+            for t in texts:
+                if n and size + len(t) + 1 > MAX_MESSAGE_BYTES:
+                    break
+                size += len(t) + 1
+                n += 1
+            del texts[n:]
         first, last = event_seq(texts[0]), event_seq(texts[-1])
         headers = {"Nats-Msg-Id": f"{self.host}:{self.run_id}:{first}", H_HOST: self.host, H_RUN: self.run_id,
                    H_SEQS: f"{first}-{last}"}

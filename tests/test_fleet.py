@@ -21,9 +21,10 @@ from websockets.sync.client import ClientConnection
 from app.api.app import create_app
 from app.bpf.event import CR_REFUSED
 from app.config import Settings
-from app.export import MAX_MESSAGE_BYTES
+from app.export import MAX_MESSAGE_BYTES, Exporter
 from app.filters import Filter
 from app.fleet import MAX_ACK_PENDING, FleetCore
+from app.hub import EventHub
 from app.models import EventWriter, Texts
 from app.service import Core
 from tests.evfactory import TEXTS, ev
@@ -460,3 +461,18 @@ def test_fleet_in_flight_fits_nats_servers_client_buffer() -> None:
     """What the consumer lets JetStream send ahead fits nats-server's default max_pending (64 MiB):
     beyond it the server cuts a fleet view that fell behind as a slow consumer."""
     assert 16 <= MAX_ACK_PENDING and MAX_ACK_PENDING * MAX_MESSAGE_BYTES <= 64 << 20
+
+
+def test_export_message_is_cut_at_the_size_bound_and_at_the_event_count() -> None:
+    """A message holds at most nats_batch_events events and MAX_MESSAGE_BYTES bytes (unless one event alone
+    is bigger), the oldest first, and its headers name exactly the seqs it holds."""
+    settings = Settings(nats_url="nats://127.0.0.1:1", nats_batch_events=4)
+    exporter = Exporter(settings, EventHub(EventWriter(Texts(0))), "hostA")
+    big = MAX_MESSAGE_BYTES // 3
+    exporter.buffer.extend(f'{{"seq":{n},"pad":"{"x" * big}"}}' for n in range(1, 4))
+    n, data, headers = exporter._next_batch()
+    assert (n, headers["Conntracer-Seqs"], len(data) <= MAX_MESSAGE_BYTES) == (2, "1-2", True)
+    exporter.buffer.clear()
+    exporter.buffer.extend(f'{{"seq":{n},"type":"close"}}' for n in range(10, 16))
+    n, data, headers = exporter._next_batch()
+    assert (n, headers["Conntracer-Seqs"], data.count(b"\n")) == (4, "10-13", 3)
