@@ -1,7 +1,7 @@
 """Traffic totals for Prometheus, per closed connection: low-cardinality (role, close reason), bounded.
 
-Fed once per close by the table (never per event); counted and read at scrape time. Connect latency and RTT are
-histograms of each closed connection's final connect_us and srtt_us.
+Fed the closes of each batch by the table (never per event); counted every _FOLD_AT closes and when read.
+Connect latency and RTT are histograms of each closed connection's final connect_us and srtt_us.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ _FOLD_AT = 1024   # closes waiting to be counted, at most
 class TrafficTotals:
     """Closed connections by role and close reason, their bytes and retransmissions, latency histograms.
 
-    on_close() only keeps the record (the table calls it per close, on the hot path); the totals are
-    made when read, a batch at a time with C-level map/sum/Counter instead of per-close Python code.
+    on_closes() only keeps the records (the table calls it once per batch, on the hot path); the totals are
+    made a batch at a time with C-level map/sum/Counter instead of per-close Python code.
     """
 
     def __init__(self) -> None:
@@ -73,10 +73,16 @@ class TrafficTotals:
         self.connect = {r: Histogram() for r in ROLE_NAMES}
         self.rtt = {r: Histogram() for r in ROLE_NAMES}
 
-    def on_close(self, rec: EventRecord) -> None:
-        self._pending.append(rec)
+    def on_closes(self, recs: list[EventRecord]) -> None:
+        """The final records of connections that closed (the table calls it once per batch)."""
+        self._pending += recs
         if len(self._pending) >= _FOLD_AT:
             self.fold()
+
+    def closed_bytes(self) -> tuple[int, int]:
+        """Payload bytes sent and received over every connection closed so far."""
+        self.fold()
+        return sum(self.bytes_sent.values()), sum(self.bytes_received.values())
 
     def fold(self) -> None:
         """Counts the closes kept since the last fold (in C where app._speedups is built)."""
