@@ -135,7 +135,7 @@ class ConnectionTable:
         move = op.move_to_end
         first_sight = self._first_sight
         max_open = self.max_open
-        max_closed = self.max_closed
+        keep_closed = self._keep_closed
         twins_before = self._twins_before_ns
         closes = []
         for rec in recs:
@@ -158,13 +158,7 @@ class ConnectionTable:
             c.close_ns = rec[TS_NS] or 1
             del op[cid]
             closes.append(rec)
-            if max_closed > 0:
-                cl[cid] = c
-                if len(cl) > max_closed:
-                    cl.popitem(last=False)
-                    self.evicted_closed += 1
-            else:
-                self.evicted_closed += 1
+            keep_closed(cid, c)
         if closes:
             self.traffic.on_closes(closes)
 
@@ -188,11 +182,11 @@ class ConnectionTable:
         if rec[TYPE] == EV_CLOSE:
             c.close_ns = rec[TS_NS] or 1
             del op[cid]
-            self._add_closed(cid, c)
+            self.traffic.on_closes([rec])
+            self._keep_closed(cid, c)
 
-    def _add_closed(self, cid: int, c: ConnEntry) -> None:
-        """A close off the hot path (a connection whose first record closes it); apply_many inlines it."""
-        self.traffic.on_closes([c.rec])
+    def _keep_closed(self, cid: int, c: ConnEntry) -> None:
+        """Into the bounded history of closed connections (the oldest leaves)."""
         if self.max_closed <= 0:
             self.evicted_closed += 1
             return
