@@ -37,7 +37,7 @@ async def run() -> dict[str, Any]:
     from app.bpf.loader import Tracer  # imported late so --help works without root and bcc
     from app.config import Settings
 
-    settings = Settings(preexisting=False)
+    settings = Settings(preexisting=False, pin=False)   # as serve in the bench: no pins left behind
     tracer = Tracer(settings)
     t0 = time.monotonic()
     tracer.open()

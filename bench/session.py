@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -67,7 +68,8 @@ class TracerSession:
         # How to run conn-tracer: this tree's console script, or (--baseline) another tree's app.cli.
         self.serve_cmd = serve_cmd or [str(CONN_TRACER)]
         self.serve_args = serve_args or []  # after `serve --host --port`, e.g. the export phase's --nats
-        self.env = env
+        # No pinned maps left behind by a benchmark (serve pins by default, to survive restarts).
+        self.env = env if env is not None else {**os.environ, "CONN_TRACER_PIN": "0"}
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
         self.probe_port = free_port()
