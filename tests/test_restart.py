@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from app.bpf.pins import PIN_ROOT
+from app.bpf.pins import PIN_ROOT, lock_path
 from tests.test_serve import CONN_TRACER, Service, start_service, wait_for
 
 pytestmark = pytest.mark.bpf
@@ -90,6 +90,7 @@ def test_kill_9_and_restart_keeps_ids_roles_owners_and_bytes(tmp_path: Path, mon
         out = subprocess.run([str(CONN_TRACER), "cleanup", "--instance", instance], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert not (PIN_ROOT / instance).exists()
+    assert not lock_path(instance).exists()   # nothing of the instance left, not even its lock file
 
 
 HOLD = r"""

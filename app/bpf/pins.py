@@ -111,7 +111,7 @@ class PinSet:
         return all(self.path(n).exists() for n in PINNED_MAPS)
 
     def _lock(self) -> None:
-        path = LOCK_DIR / f"conn-tracer-{self.instance}.lock"
+        path = lock_path(self.instance)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,8 +128,13 @@ class PinSet:
             self._lock_fd = -1
 
 
+def lock_path(instance: str) -> Path:
+    return LOCK_DIR / f"conn-tracer-{instance}.lock"
+
+
 def remove(instance: str) -> list[Path]:
-    """Deletes an instance's pins and its directory; returns what was removed."""
+    """Deletes an instance's pins and its directory, and its lock file unless a running agent holds it;
+    returns what was removed."""
     if not INSTANCE_NAME.match(instance):
         raise PinError(f"instance name {instance!r}: use 1-64 of A-Z a-z 0-9 _ . -")
     d = PIN_ROOT / instance
@@ -142,4 +147,17 @@ def remove(instance: str) -> list[Path]:
         removed.append(d)
     if PIN_ROOT.is_dir() and not any(PIN_ROOT.iterdir()):
         PIN_ROOT.rmdir()
+    lock = lock_path(instance)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return removed
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # not while an agent of that instance runs
+        lock.unlink()
+        removed.append(lock)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
     return removed
