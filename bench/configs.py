@@ -81,13 +81,12 @@ def run_conn_tracer(ctx: Context, rnd: int, cfg: str) -> dict[str, Any]:
     if cfg == BASELINE:
         if ctx.baseline_tree is None:
             raise Skip("no --baseline given")
-        env = {**os.environ, "PYTHONPATH": str(ctx.baseline_tree), "CONN_TRACER_PIN": "0"}
+        env = {**os.environ, "PYTHONPATH": str(ctx.baseline_tree)}
         # -P: the baseline tree on PYTHONPATH must win over the current directory (this tree).
         sess = TracerSession(list(ports.values()), f"r{rnd}-baseline", "batch=256",
                              [str(VENV_PY), "-P", "-m", "app.cli"], env)
     else:
-        sess = TracerSession(list(ports.values()), f"r{rnd}-{cfg}", TRACER_QUERIES[cfg],
-                             env={**os.environ, "CONN_TRACER_PIN": "0"})
+        sess = TracerSession(list(ports.values()), f"r{rnd}-{cfg}", TRACER_QUERIES[cfg])
     res: dict[str, Any] = {"ws_query": sess.ws_query, "phases": {}}
     try:
         sess.start()

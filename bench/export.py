@@ -165,7 +165,6 @@ def run_mode(ctx: Context, rnd: int, mode: str) -> dict[str, Any]:
     phases = (("rate", prof.latency_rate, prof.latency_s), ("max", 0.0, prof.churn_s))
     ports = {name: free_port() for name, _, _ in phases}
     name = f"x{rnd}-{mode}"
-    env = {**os.environ, "CONN_TRACER_PIN": "0"}  # as configs.py: no pinned maps left behind
     nats: Proc | None = None
     fleet: Proc | None = None
     fleet_sub: SubscriberProc | None = None
@@ -190,7 +189,7 @@ def run_mode(ctx: Context, rnd: int, mode: str) -> dict[str, Any]:
             fleet_base = f"http://127.0.0.1:{fport}"
             # The fleet view first, and its subscriber connected, so it sees the agent's first event.
             fleet = Proc(f"{name}-fleet", [str(CONN_TRACER), "fleet", "--nats", url, "--host", "127.0.0.1",
-                                           "--port", str(fport), "--durable", "bench"], env=env)
+                                           "--port", str(fport), "--durable", "bench"])
             f, fb = fleet, fleet_base
             wait_for(lambda: (f.alive() or raise_(Skip(f"fleet exited: {f.log_tail()}"))) and healthz_ok(fb),
                      60, "fleet view /healthz 200")
@@ -198,7 +197,7 @@ def run_mode(ctx: Context, rnd: int, mode: str) -> dict[str, Any]:
                                        f"{name}-fleet-subscriber")
             fs = fleet_sub
             wait_for(lambda: fs.ready is not None, 20, "fleet WebSocket subscriber connected")
-        sess = TracerSession(list(ports.values()), name, QUERY, env=env, serve_args=serve_args)
+        sess = TracerSession(list(ports.values()), name, QUERY, serve_args=serve_args)
         agent = sess
         sess.start()
         assert sess.serve is not None

@@ -69,7 +69,7 @@ class TracerSession:
         self.serve_cmd = serve_cmd or [str(CONN_TRACER)]
         self.serve_args = serve_args or []  # after `serve --host --port`, e.g. the export phase's --nats
         # No pinned maps left behind by a benchmark (serve pins by default, to survive restarts).
-        self.env = env if env is not None else {**os.environ, "CONN_TRACER_PIN": "0"}
+        self.env = {**(env if env is not None else os.environ), "CONN_TRACER_PIN": "0"}
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
         self.probe_port = free_port()
