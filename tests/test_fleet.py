@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import ClientConnection
 
 from app.api.app import create_app
-from app.bpf.event import CR_REFUSED
+from app.bpf.event import CR_REFUSED, EV_CLOSE, RECORD_FIELDS, ROLE_SERVER, ST_CLOSE
 from app.config import Settings
 from app.export import MAX_MESSAGE_BYTES, Exporter
 from app.filters import Filter
@@ -413,6 +413,23 @@ def test_fleet_applies_batches_per_host_dedups_and_counts_gaps() -> None:
                        {**headers, "Conntracer-Run": "r2"}, "conntracer.hostA.events")
     again = core.table.get("hostA:c1")
     assert again is not None and (again.src_port, again.state, again.closed_at) == (50001, "SYN_SENT", None)
+
+
+def test_fleet_record_puts_each_exported_field_in_its_place() -> None:
+    """FleetTable.record() writes the record as one tuple in field order: every value lands under its name."""
+    rec = ev("close", 7, 5, start_ms=1, bytes_sent=11, bytes_received=12, bytes_retrans=13, pid=14, netns=15,
+             srtt_us=16, rttvar_us=17, retrans_segs=18, connect_us=19, src_port=20, dst_port=21, family="ipv6",
+             role="server", state="CLOSE", comm="c22", close_reason=CR_REFUSED)
+    line = _message("hostA", [(3, rec)]).decode()
+    core = FleetCore(Settings(nats_url="nats://127.0.0.1:1"))
+    core.apply_message(line.encode(), {"Conntracer-Host": "hostA", "Conntracer-Run": "r1"}, "conntracer.hostA.events")
+    got = dict(zip((*RECORD_FIELDS, "host", "text"), core.hub.chunks[0].recs[0], strict=True))
+    assert got.pop("ts_ns") == got.pop("start_ns") > 0   # no earlier event of c7: it starts at its close
+    assert got.pop("text").startswith('"host_seq":3,')
+    assert got == dict(conn_id="hostA:c7", bytes_sent=11, bytes_received=12, bytes_retrans=13, cgroup_id=0, pid=14,
+                       netns=15, srtt_us=16, rttvar_us=17, retrans_segs=18, connect_us=19, saddr=0, daddr=0,
+                       sport=20, dport=21, family=6, type=EV_CLOSE, role=ROLE_SERVER, state=ST_CLOSE, oldstate=0,
+                       flags=0, close_reason=CR_REFUSED, comm="c22", host="hostA")
 
 
 def test_fleet_counts_bad_lines_and_keeps_the_rest_of_their_batch() -> None:
