@@ -207,11 +207,16 @@ def run_mode(ctx: Context, rnd: int, mode: str) -> dict[str, Any]:
             f0 = _stats(fleet_base) if fleet else {}
             fc0 = cpu_s(fleet.pid) if fleet else 0.0
             nc0 = cpu_s(nats.pid) if nats else 0.0
+            subs = [s for s in (sess.sub, fleet_sub) if s is not None]
+            sc0 = sum(s.cpu_s() for s in subs)
             m0 = cpu_times()
             ch = ctx.churn.run(ports[ph], secs, rate=rate)
             busy = busy_fraction(m0, cpu_times())
+            # The subscribers' share of the machine in the churn window (the agent's and the fleet view's).
+            subs_cpu = sum(s.cpu_s() for s in subs) - sc0
             exp = expected_closes(ch)
             out: dict[str, Any] = {"port": ports[ph], "churn": ch, "expected_closes": exp, "machine_busy": busy,
+                                   "subscribers_cpu_s": subs_cpu,
                                    "drain_s": sess.drain(ports[ph], exp)}
             if nats is not None:
                 # The agent's share of the work ends when JetStream has acknowledged what it published.

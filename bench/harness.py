@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -251,8 +252,12 @@ class Churn:
                 str(self.prof.clients), "--servers", str(self.prof.servers), "--rate", str(rate),
                 "--count", str(count)]
         # churn caps itself at duration_s (+2 s server drain); the timeout is a second bound.
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 30, check=True)
-        return dict(json.loads(out.stdout))
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # The only child reaped meanwhile: the generator's CPU, with the kernel's TCP work done in its syscalls.
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        return {**json.loads(out.stdout), "cpu_s": cpu}
 
 
 def expected_closes(ch: dict[str, Any]) -> int:

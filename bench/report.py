@@ -125,6 +125,12 @@ def _export_mode(mode: str, ps: list[dict[str, Any]]) -> dict[str, Any]:
         "agent_p99_ms": med([p["agent"]["latency_ms"].get("p99") for p in ps]),
         # all CPUs during the churn (older runs: not recorded): at 1.0 every process queues for a core
         "machine_busy": med([p["machine_busy"] for p in ps if "machine_busy" in p]),
+        # where the rest of the machine went (older runs: not recorded): the load generator, with the
+        # kernel's loopback TCP work in its syscalls, and the benchmark's own WebSocket subscribers
+        "generator_cpu_us_per_conn": med([_per_conn_us(p["churn"]["cpu_s"], p["churn"]) for p in ps
+                                          if "cpu_s" in p["churn"]]),
+        "subscribers_cpu_us_per_conn": med([_per_conn_us(p["subscribers_cpu_s"], p["churn"]) for p in ps
+                                            if "subscribers_cpu_s" in p]),
     }
     if "export" in ps[0]:   # export and to-nats: the agent's exporter and nats-server
         d.update({

@@ -18,6 +18,7 @@ from harness import (
     VENV_PY,
     Proc,
     Skip,
+    cpu_s,
     free_port,
     healthz_ok,
     http_json,
@@ -52,6 +53,9 @@ class SubscriberProc:
 
     def closes(self, port: int) -> int:
         return int(self.progress.get("closes", {}).get(str(port), 0))
+
+    def cpu_s(self) -> float:
+        return cpu_s(self.proc.popen.pid)
 
     def stop(self) -> dict[str, Any]:
         self.proc.stop(signal.SIGTERM, 20)

@@ -144,10 +144,12 @@ def _export(x: dict[str, Any] | None) -> list[str]:
            "  acked = all it published acknowledged after each phase; ev/msg = events per NATS message; "
            "agent p99, complete = at serve's own subscriber",
            "  (read a ratio with completeness: an agent that drops events also spends less CPU on them); "
-           "busy = all CPUs busy during the churn (1.00: saturated, every process waits for a core)"]
+           "busy = all CPUs busy during the churn (1.00: saturated, every process waits for a core)",
+           "  gen = the load generator (with the kernel's TCP work in its syscalls), subs = the bench's subscribers: "
+           "us/conn, like serve, fleet, nats"]
     hdr = (f"  {'phase':<5} {'mode':<7} {'limit/s':>7} {'conn/s':>7} {'ratio':>6} {'serve':>6} {'fleet':>6} "
            f"{'nats':>6} {'drops':>6} {'lost_k':>6} {'acked':>5} {'ev/msg':>6} {'agent p99':>9} {'complete':>8} "
-           f"{'busy':>5}")
+           f"{'busy':>5} {'gen':>5} {'subs':>5}")
     out.append(hdr)
     for ph, d in x.get("phases", {}).items():
         for mode in ("plain", "export", "to-nats"):
@@ -161,7 +163,9 @@ def _export(x: dict[str, Any] | None) -> list[str]:
                        f"{fmt(e.get('fleet_cpu_us_per_conn'), 1):>6} {fmt(e.get('nats_cpu_us_per_conn'), 1):>6} "
                        f"{fmt(e.get('drops_max')):>6} {fmt(e.get('lost_kernel_max')):>6} {acked:>5} "
                        f"{fmt(e.get('events_per_message'), 0):>6} {fmt(e.get('agent_p99_ms'), 1):>9} "
-                       f"{fmt(e.get('agent_completeness'), 4):>8} {fmt(e.get('machine_busy'), 2):>5}")
+                       f"{fmt(e.get('agent_completeness'), 4):>8} {fmt(e.get('machine_busy'), 2):>5} "
+                       f"{fmt(e.get('generator_cpu_us_per_conn'), 1):>5} "
+                       f"{fmt(e.get('subscribers_cpu_us_per_conn'), 1):>5}")
     out.append("  fleet subscriber (export): complete = closes it got / sockets closed; caught up = the fleet view "
                "applied all the agent had acknowledged (longest wait)")
     hdr = (f"  {'phase':<5} {'complete':>8} {'worst':>6} {'caught up':>9} {'p50 ms':>7} {'p99 ms':>7} "
