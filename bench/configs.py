@@ -217,13 +217,15 @@ def parse_peer(tool: str, out_file: Path, err_file: Path, port: int) -> dict[str
 
 def run_counting(ctx: Context, rnd: int, cfg: str) -> dict[str, Any]:
     """A consumer that only counts records: `bare` (bare_consumer.py) or `floor` (floor_consumer.py); or
-    `empty` (bare_consumer.py --empty), empty programs on conn-tracer's hooks that make no records at all.
+    `empty` (bare_consumer.py --empty), empty programs on conn-tracer's hooks that make no records at all; or
+    `untracked` (floor_consumer.py --untracked), conn-tracer's programs tracking no socket.
 
     All print "ready" once attached and a JSON line with their counts on SIGINT.
     """
-    script = BENCH / {"bare": "bare_consumer.py", "floor": "floor_consumer.py", "empty": "bare_consumer.py"}[cfg]
-    p = Proc(f"r{rnd}-{cfg}", [str(VENV_PY), str(script), *(["--empty"] if cfg == "empty" else [])],
-             stdout_pipe=True)
+    script = BENCH / {"bare": "bare_consumer.py", "floor": "floor_consumer.py", "empty": "bare_consumer.py",
+                      "untracked": "floor_consumer.py"}[cfg]
+    flag = {"empty": ["--empty"], "untracked": ["--untracked"]}.get(cfg, [])
+    p = Proc(f"r{rnd}-{cfg}", [str(VENV_PY), str(script), *flag], stdout_pipe=True)
     res: dict[str, Any] = {}
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(p.popen.stdout.readline, "")),  # type: ignore[union-attr]
@@ -264,4 +266,5 @@ CONFIGS: dict[str, Callable[[Context, int, str], dict[str, Any]]] = {
     "floor": run_counting,
     "bare": run_counting,
     "empty": run_counting,
+    "untracked": run_counting,
 }

@@ -14,7 +14,7 @@ from harness import STATE_CHANGES_PER_CONN, Profile, expected_closes
 TRACERS = ("conn-tracer/batch", "conn-tracer/close")
 SHOWN_TRACERS = (*TRACERS, "baseline/batch")   # the baseline is shown, not held to the targets
 PEERS = ("tcplife", "tcpstates")
-COUNTING = ("floor", "bare", "empty")
+COUNTING = ("floor", "bare", "empty", "untracked")
 PHASES = ("low", "rate", "max")
 EXPORT_MODES = ("plain", "export", "to-nats")   # bench/export.py: the same agent without and with --nats
 EXPORT_PHASES = ("rate", "max")
@@ -290,6 +290,9 @@ def targets(s: dict[str, Any], prof: Profile) -> list[dict[str, Any]]:
             add(f"{mode}: p99 latency @ {where} (ms)", p99, f"<= {limit_ms}", p99 is not None and p99 <= limit_ms)
     empty = c.get("empty", {}).get("bpf", {}).get("us_per_conn")
     add("in-kernel floor: empty programs on the same hooks (us)", empty, "reported (the part of <= 3 no code removes)",
+        None)
+    untracked = c.get("untracked", {}).get("bpf", {}).get("us_per_conn")
+    add("in-kernel: our programs tracking no socket (us)", untracked, "reported (the hooks' runs and lookups alone)",
         None)
     rss = s.get("rss_after_n")
     n = f"{rss['connections']:,}" if rss else f"{prof.rss_count:,}" if prof.rss_count else "N"

@@ -52,7 +52,8 @@ def preflight(configs: list[str], bpf_stats: bool) -> dict[str, str]:
     for tool in ("tcplife", "tcpstates"):
         if not Path(f"/usr/sbin/{tool}-bpfcc").exists():
             skip[tool] = f"/usr/sbin/{tool}-bpfcc missing: apt-get install -y bpfcc-tools"
-    for cfg, module in (("bare", "bcc"), ("empty", "bcc"), ("floor", "app.bpf.loader")):
+    for cfg, module in (("bare", "bcc"), ("empty", "bcc"), ("floor", "app.bpf.loader"),
+                        ("untracked", "app.bpf.loader")):
         if subprocess.run([str(VENV_PY), "-c", f"import {module}"], capture_output=True).returncode != 0:
             skip[cfg] = f"`import {module}` fails in the venv (needs --system-site-packages and python3-bpfcc)"
     why = kernel.stats_available() if bpf_stats else None
