@@ -100,7 +100,7 @@ def event_seq(text: str) -> int:
 
 
 @dataclass
-class ExportStats:
+class ExportCounters:
     """Counters since start (events, not messages, unless named so)."""
 
     published: int = 0       # events sent to NATS (first attempt)
@@ -122,7 +122,7 @@ class Exporter:
         self.host = host
         self.run_id = uuid.uuid4().hex[:12]   # tells this run's seqs apart from an earlier run's
         self.subject = f"{settings.nats_subject_prefix}.{subject_token(host)}.{SUBJECT_KIND}"
-        self.stats = ExportStats()
+        self.stats = ExportCounters()
         self.buffer: deque[str] = deque()     # event JSON, oldest first, until acknowledged
         self.sub: Subscriber | None = None
         self._inflight: tuple[int, bytes, dict[str, str]] | None = None   # (events, payload, headers)

@@ -505,7 +505,7 @@ class FleetCore(Core):
             try:
                 key = f"{h}:{doc.conn_id}"
                 rec = record(h, key, doc, text_of(line, state, key, seq, doc))
-            except (ValueError, KeyError, TypeError, IndexError):
+            except (ValueError, KeyError, IndexError):   # a bad time, name or text: that event only
                 self.bad_events += 1
                 continue
             events += 1
