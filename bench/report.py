@@ -313,10 +313,14 @@ def targets(s: dict[str, Any], prof: Profile) -> list[dict[str, Any]]:
     if rate_x.get("rate_limit") and rate_x["rate"] < 0.95 * rate_x["rate_limit"]:
         where += f" [got {rate_x['rate']:,.0f}/s]"  # the machine could not offer the rate
     add(f"export: drops @{where} (worst)", drops, "== 0", drops == 0, "issue 12")
-    add("export: rate vs no export at max", max_ratio, ">= 0.97", max_ratio is not None and max_ratio >= 0.97,
+    # The issue's rate target is at 10,000/s: the generator offers that rate, and the ratio says how much of
+    # it the machine still managed with the exporting agent (and, here, the fleet view beside it).
+    rate_ratio = xp.get("rate", {}).get("rate_ratio")
+    add(f"export: rate vs no export @{where}", rate_ratio, ">= 0.97", rate_ratio is not None and rate_ratio >= 0.97,
         "issue 12")
-    no_view = xp.get("max", {}).get("to-nats", {}).get("rate_ratio")
+    no_view = xp.get("rate", {}).get("to-nats", {}).get("rate_ratio")
     add("  the same without the fleet view on this machine", no_view, "reported (no target)", None, "issue 12")
+    add("export: rate vs no export at max", max_ratio, "reported (no target)", None, "issue 12")
     add(f"export: p99 kernel->fleet subscriber @{where} (ms)", p99, "<= 100", p99 is not None and p99 <= 100,
         "issue 12")
     return rows
