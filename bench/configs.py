@@ -39,13 +39,12 @@ from harness import (
     wait_for,
     wait_idle,
 )
+from report import BASELINE  # --baseline REV: the same serve + batch subscriber from another commit's tree
 from session import TracerSession
 
 # The two subscribers the issue asks to keep up: every event in batches of up to 256 per message,
 # and the API's default one-event-per-message mode, filtered to closes.
 TRACER_QUERIES = {"conn-tracer/batch": "batch=256", "conn-tracer/close": "type=close"}
-# --baseline REV: the same serve + batch subscriber from another commit's tree, side by side.
-BASELINE = "baseline/batch"
 
 
 @dataclass

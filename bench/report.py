@@ -12,7 +12,8 @@ from typing import Any
 from harness import STATE_CHANGES_PER_CONN, Profile, expected_closes
 
 TRACERS = ("conn-tracer/batch", "conn-tracer/close")
-SHOWN_TRACERS = (*TRACERS, "baseline/batch")   # the baseline is shown, not held to the targets
+BASELINE = "baseline/batch"   # serve as of --baseline REV, run side by side (configs.py)
+SHOWN_TRACERS = (*TRACERS, BASELINE)   # the baseline is shown, not held to the targets
 PEERS = ("tcplife", "tcpstates")
 COUNTING = ("floor", "bare", "empty", "untracked")
 PHASES = ("low", "rate", "max")
@@ -222,6 +223,14 @@ def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: di
         elif cfg in COUNTING:
             d.update(_counting(rs))
         s["configs"][cfg] = d
+    # Side by side with the baseline: each round's rate against the baseline's in the same round, then the
+    # median. Rounds differ by several percent here (the machine), a pair in one round much less.
+    base_rate = {r["round"]: r["churn"]["rate"] for r in by.get(BASELINE, [])}
+    if base_rate:
+        s["vs_baseline"] = {cfg: {"rate_ratio": med([r["churn"]["rate"] / base_rate[r["round"]] for r in by[cfg]
+                                                     if r["round"] in base_rate]),
+                                  "rounds": sum(r["round"] in base_rate for r in by[cfg])}
+                            for cfg in TRACERS if by.get(cfg)}
     floor = s["configs"].get("floor", {}).get("cpu_us_per_event")
     if floor:
         s["pipeline_vs_floor"] = {cfg: s["configs"][cfg]["cpu_us_per_event"] / floor for cfg in SHOWN_TRACERS
@@ -302,6 +311,20 @@ def targets(s: dict[str, Any], prof: Profile) -> list[dict[str, Any]]:
 
     if not (c or rss or ir is not None):
         rows.clear()  # nothing of issue 8 ran (run.py --only-export): no rows of n/a
+
+    # Issue 9: what its facts cost, side by side with serve from before them (--baseline), in the same rounds.
+    vb = s.get("vs_baseline", {}).get("conn-tracer/batch", {}).get("rate_ratio")
+    add("facts: batch rate vs baseline, same round (median of rounds)", vb, ">= 0.98", vb is not None and vb >= 0.98,
+        "issue 9")
+    ours, base = c.get("conn-tracer/batch", {}), c.get(BASELINE, {})
+    for phase, where in (("rate", f"{prof.latency_rate:,.0f}/s"), ("max", "max")):
+        cpu = [d.get("phases", {}).get(phase, {}).get("cpu_us_per_conn") for d in (ours, base)]
+        bpf = [d.get("bpf", {}).get("us_per_conn") for d in (ours, base)]   # measured at max only
+        if None in cpu or None in bpf:
+            continue
+        extra = (cpu[0] + bpf[0]) - (cpu[1] + bpf[1])
+        add(f"facts: serve + BPF CPU per conn @{where}, vs baseline (us)", extra,
+            f"reported ({cpu[0] + bpf[0]:.1f} vs {cpu[1] + bpf[1]:.1f})", None, "issue 9")
 
     # Issue 12: one agent exporting to NATS JetStream, read by a fleet view (bench/export.py).
     xp = s.get("export", {}).get("phases", {})

@@ -168,7 +168,9 @@ def main() -> int:
         result = json.loads(args.report.read_text())
         if args.save_reference and result["meta"].get("quick"):
             raise SystemExit(f"{args.report} is a --quick run: not a reference")
-        # The figures stay as measured; the targets are read against them as report.py states them now.
+        # The measurements stay as they were; figures and targets are derived from them as report.py does now.
+        result["summary"] = summarise(result["rounds"], result["iperf"], result["rss"], result["meta"]["configs"],
+                                      result.get("export"))
         result["targets"] = targets(result["summary"], QUICK if result["meta"].get("quick") else FULL)
         table = render(result)
         print(table, end="")
