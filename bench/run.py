@@ -171,7 +171,8 @@ def main() -> int:
         # The measurements stay as they were; figures and targets are derived from them as report.py does now.
         result["summary"] = summarise(result["rounds"], result["iperf"], result["rss"], result["meta"]["configs"],
                                       result.get("export"))
-        result["targets"] = targets(result["summary"], QUICK if result["meta"].get("quick") else FULL)
+        result["targets"] = targets(result["summary"], QUICK if result["meta"].get("quick") else FULL,
+                                    result["meta"]["cpus"])
         table = render(result)
         print(table, end="")
         write(result, table, "", args.save_reference)
@@ -235,7 +236,8 @@ def main() -> int:
                  "kernel": platform.release(), "cpus": os.cpu_count(), "quick": args.quick, "configs": configs,
                  "ws_queries": TRACER_QUERIES, "bpf_stats": args.bpf_stats, "profile": asdict(prof),
                  "argv": sys.argv[1:], "wall_s": round(time.time() - started, 1), "closes_counted": CLOSES_COUNTED},
-        "skipped": skipped, "summary": s, "targets": targets(s, prof), "rounds": rounds, "iperf": iperf, "rss": rss,
+        "skipped": skipped, "summary": s, "targets": targets(s, prof, os.cpu_count() or 1), "rounds": rounds,
+        "iperf": iperf, "rss": rss,
         "profile": profile, "export": export,
     }
     table = render(result)
