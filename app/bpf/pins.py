@@ -84,8 +84,7 @@ class PinSet:
     """The pinned maps of one instance: prepare() before compiling, release() after detaching."""
 
     def __init__(self, instance: str, source: str, sizes: dict[str, int]) -> None:
-        if not INSTANCE_NAME.match(instance):
-            raise PinError(f"instance name {instance!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+        _check_instance(instance)
         self.instance = instance
         self.dir = PIN_ROOT / instance
         self.tag = layout_tag(source, sizes)
@@ -113,9 +112,7 @@ class PinSet:
     def _lock(self) -> None:
         path = lock_path(self.instance)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             os.close(fd)
             raise PinLocked(f"another conn-tracer uses instance {self.instance!r} ({self.dir}); "
                            "fix: stop it, or give this one --instance NAME (or --no-pin)") from None
@@ -132,11 +129,24 @@ def lock_path(instance: str) -> Path:
     return LOCK_DIR / f"conn-tracer-{instance}.lock"
 
 
+def _check_instance(instance: str) -> None:
+    if not INSTANCE_NAME.match(instance):
+        raise PinError(f"instance name {instance!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+
+
+def _try_lock(fd: int) -> bool:
+    """Takes an instance's lock on fd without waiting; False while a running agent holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def remove(instance: str) -> list[Path]:
     """Deletes an instance's pins and its directory, and its lock file unless a running agent holds it;
     returns what was removed."""
-    if not INSTANCE_NAME.match(instance):
-        raise PinError(f"instance name {instance!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+    _check_instance(instance)
     d = PIN_ROOT / instance
     removed: list[Path] = []
     if d.is_dir():
@@ -153,11 +163,9 @@ def remove(instance: str) -> list[Path]:
     except FileNotFoundError:
         return removed
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # not while an agent of that instance runs
-        lock.unlink()
-        removed.append(lock)
-    except BlockingIOError:
-        pass
+        if _try_lock(fd):   # not while an agent of that instance runs
+            lock.unlink()
+            removed.append(lock)
     finally:
         os.close(fd)
     return removed
