@@ -495,6 +495,7 @@ class FleetCore(Core):
                     state = self.hosts[h] = HostState(h)
                 last = state.runs.get(run, 0)
                 events = failures = 0
+                last_ts = None
             seq = doc.seq
             if seq <= last:
                 state.duplicates += 1
