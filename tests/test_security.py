@@ -450,12 +450,14 @@ def test_dashboard_opened_with_token_passes_it_on(tmp_path: Path) -> None:
                 page.on("response", lambda r: statuses.append((r.status, r.url)))
                 resp = page.goto(f"http://127.0.0.1:{svc.port}/")
                 assert resp is not None and resp.status == 401
-                page.goto(f"http://127.0.0.1:{svc.port}/?token={TOKEN}")
+                # Awaited, not looked for afterwards: the table's fetch may answer after the status line fills.
+                with page.expect_response(lambda r: "/connections" in r.url, timeout=10_000) as conns:
+                    page.goto(f"http://127.0.0.1:{svc.port}/?token={TOKEN}")
                 sync_api.expect(page.locator("#ws-status")).to_have_text("live", timeout=10_000)
                 sync_api.expect(page.locator("#attach-mode")).not_to_have_text("–", timeout=10_000)
+                assert conns.value.status == 200, conns.value.url
                 denied = [(s, u) for s, u in statuses[1:] if s == 401]
                 assert not denied, denied
-                assert any("/connections" in u and s == 200 for s, u in statuses), statuses
             finally:
                 browser.close()
     finally:
