@@ -34,6 +34,11 @@ def _per_conn_us(cpu_s: float, ch: dict[str, Any]) -> float:
     return 1e6 * cpu_s / max(1, ch["connections"])
 
 
+def _rate_ratio(rs: list[dict[str, Any]], ref_rate: dict[int, float]) -> float | None:
+    """Each round's churn rate over the reference's in the same round (`ref_rate` by round), median over rounds."""
+    return med([r["churn"]["rate"] / ref_rate[r["round"]] for r in rs if r["round"] in ref_rate])
+
+
 def summarise_bpf(ms: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Per program (by name) and in total, medians over rounds of the kernel.measure() figures."""
     done = [m for m in ms if m and "programs" in m]
@@ -211,8 +216,7 @@ def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: di
         if not rs:
             continue
         d: dict[str, Any] = {"runs": len(rs), "rate": med([r["churn"]["rate"] for r in rs]),
-                             "overhead_ratio": med([r["churn"]["rate"] / none_rate[r["round"]] for r in rs
-                                                    if r["round"] in none_rate])}
+                             "overhead_ratio": _rate_ratio(rs, none_rate)}
         if cfg != "none":
             d["cpu_us_per_conn"] = med([_per_conn_us(r["cpu_s"], r["churn"]) for r in rs])
             d["bpf"] = summarise_bpf([r.get("bpf") for r in rs])
@@ -227,10 +231,7 @@ def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: di
     # median. Rounds differ by several percent here (the machine), a pair in one round much less.
     base_rate = {r["round"]: r["churn"]["rate"] for r in by.get(BASELINE, [])}
     if base_rate:
-        s["vs_baseline"] = {cfg: {"rate_ratio": med([r["churn"]["rate"] / base_rate[r["round"]] for r in by[cfg]
-                                                     if r["round"] in base_rate]),
-                                  "rounds": sum(r["round"] in base_rate for r in by[cfg])}
-                            for cfg in TRACERS if by.get(cfg)}
+        s["vs_baseline"] = {cfg: _rate_ratio(by[cfg], base_rate) for cfg in TRACERS if by.get(cfg)}
     floor = s["configs"].get("floor", {}).get("cpu_us_per_event")
     if floor:
         s["pipeline_vs_floor"] = {cfg: s["configs"][cfg]["cpu_us_per_event"] / floor for cfg in SHOWN_TRACERS
@@ -330,7 +331,7 @@ def targets(s: dict[str, Any], prof: Profile, cpus: int) -> list[dict[str, Any]]
             share = extra * rate / (max(1, cpus) * 1e6)
             add(f"facts: their CPU as a share of the machine @max ({rate:,.0f}/s)", share, "<= 0.02", share <= 0.02,
                 "issue 9")
-    vb = s.get("vs_baseline", {}).get("conn-tracer/batch", {}).get("rate_ratio")
+    vb = s.get("vs_baseline", {}).get("conn-tracer/batch")
     add("facts: batch rate vs baseline, same round (median of rounds)", vb, "reported (round pairs vary +-10%)",
         None, "issue 9")
 
