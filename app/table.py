@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from operator import attrgetter, itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.bpf.event import (
     BYTES_RECEIVED,
@@ -48,6 +48,7 @@ from app.bpf.event import (
 )
 from app.filters import Predicate
 from app.models import Connection, Texts, conn_id_number, conn_id_text, rtt_values
+from app.speedups import speedups
 from app.traffic import TrafficTotals
 
 ConnKey = tuple[int, int, bytes, int, bytes, int]
@@ -58,8 +59,9 @@ def conn_key(rec: EventRecord) -> ConnKey:
     return (rec[NETNS], rec[FAMILY], rec[SADDR], rec[SPORT], rec[DADDR], rec[DPORT])
 
 
-class ConnEntry:
-    """One connection: its latest record, plus what records alone do not say."""
+class ConnEntryPy:
+    """One connection: its latest record, plus what records alone do not say. (The reference for the
+    C type app._speedups.ConnEntry, which `ConnEntry` names where that is built.)"""
 
     __slots__ = ("rec", "events", "pid", "comm", "close_ns", "preexisting", "missing")
 
@@ -73,27 +75,34 @@ class ConnEntry:
         self.preexisting = preexisting
         self.missing = 0   # sweeps in a row that did not find this socket in the kernel
 
-    def to_model(self, now_ns: int, texts: Texts) -> Connection:
-        """The public shape; duration runs to now while open."""
-        r = self.rec
-        fam = r[FAMILY]
-        start = r[START_NS]
-        closed = self.close_ns != 0
-        end = self.close_ns if closed else max(now_ns, start)
-        srtt, rttvar, connect = rtt_values(r)
-        cgroup, container = texts.cgroup_and_container(r[CGROUP_ID])
-        return Connection.model_construct(
-            id=conn_id_text(r[CONN_ID]), family=FAMILY_NAMES[fam], role=ROLE_NAMES[r[ROLE]],
-            state=TCP_STATES.get(r[STATE], str(r[STATE])),
-            src_addr=texts.addr(r[SADDR], fam), src_port=r[SPORT], dst_addr=texts.addr(r[DADDR], fam),
-            dst_port=r[DPORT], pid=self.pid or None, comm=texts.comm(self.comm) if self.pid else None,
-            bytes_sent=r[BYTES_SENT], bytes_received=r[BYTES_RECEIVED], bytes_retrans=r[BYTES_RETRANS],
-            started_at=texts.ts(start), closed_at=texts.ts(self.close_ns) if closed else None,
-            duration_ms=(end - start) / 1e6, netns=r[NETNS], preexisting=self.preexisting, events=self.events,
-            retrans_segs=r[RETRANS_SEGS], srtt_us=srtt, rttvar_us=rttvar, connect_us=connect,
-            close_reason=CLOSE_REASON_NAMES.get(r[CLOSE_REASON]), cgroup=cgroup, container_id=container,
-            host=texts.host,
-        )
+
+if TYPE_CHECKING:
+    ConnEntry = ConnEntryPy
+else:
+    ConnEntry = speedups.ConnEntry if speedups is not None else ConnEntryPy
+
+
+def connection_model(c: ConnEntry, now_ns: int, texts: Texts) -> Connection:
+    """The public shape of a table entry; duration runs to now while open."""
+    r = c.rec
+    fam = r[FAMILY]
+    start = r[START_NS]
+    closed = c.close_ns != 0
+    end = c.close_ns if closed else max(now_ns, start)
+    srtt, rttvar, connect = rtt_values(r)
+    cgroup, container = texts.cgroup_and_container(r[CGROUP_ID])
+    return Connection.model_construct(
+        id=conn_id_text(r[CONN_ID]), family=FAMILY_NAMES[fam], role=ROLE_NAMES[r[ROLE]],
+        state=TCP_STATES.get(r[STATE], str(r[STATE])),
+        src_addr=texts.addr(r[SADDR], fam), src_port=r[SPORT], dst_addr=texts.addr(r[DADDR], fam),
+        dst_port=r[DPORT], pid=c.pid or None, comm=texts.comm(c.comm) if c.pid else None,
+        bytes_sent=r[BYTES_SENT], bytes_received=r[BYTES_RECEIVED], bytes_retrans=r[BYTES_RETRANS],
+        started_at=texts.ts(start), closed_at=texts.ts(c.close_ns) if closed else None,
+        duration_ms=(end - start) / 1e6, netns=r[NETNS], preexisting=c.preexisting, events=c.events,
+        retrans_segs=r[RETRANS_SEGS], srtt_us=srtt, rttvar_us=rttvar, connect_us=connect,
+        close_reason=CLOSE_REASON_NAMES.get(r[CLOSE_REASON]), cgroup=cgroup, container_id=container,
+        host=texts.host,
+    )
 
 
 class ConnectionTable:
@@ -127,8 +136,20 @@ class ConnectionTable:
         self.apply_many([rec])
 
     def apply_many(self, recs: list[EventRecord]) -> None:
-        """Creates or updates the connection of each record, in order. Hot path: a new connection,
-        an update and a close are inlined; the rare first sightings go through _first_sight()."""
+        """Creates or updates the connection of each record, in order (in C where it is built)."""
+        if speedups is None:
+            self.apply_many_py(recs)
+            return
+        op, cl = self._open, self._closed
+        closes, evicted = speedups.table_apply(recs, op, cl, op.move_to_end, cl.popitem, self._first_sight,
+                                               self._twins_before_ns, self.max_open, self.max_closed)
+        self.evicted_closed += evicted
+        if closes:
+            self.traffic.on_closes(closes)
+
+    def apply_many_py(self, recs: list[EventRecord]) -> None:
+        """apply_many() in Python: the reference for the C helper. A new connection, an update and a
+        close are inlined; the rare first sightings go through _first_sight()."""
         op = self._open
         cl = self._closed
         get = op.get
@@ -308,7 +329,7 @@ class ConnectionTable:
         if cid is None:
             return None
         c = self._open.get(cid) or self._closed.get(cid)
-        return c.to_model(time.monotonic_ns(), self.texts) if c is not None else None
+        return connection_model(c, time.monotonic_ns(), self.texts) if c is not None else None
 
     def query(self, state: str = "all", pred: Predicate | None = None, limit: int = 1000) -> list[Connection]:
         """Connections matching `state` (open|closed|all) and `pred`, newest activity first."""
@@ -328,7 +349,7 @@ class ConnectionTable:
         now_ns = time.monotonic_ns()
         for c in it:
             if pred is None or pred(c.rec):
-                out.append(c.to_model(now_ns, self.texts))
+                out.append(connection_model(c, now_ns, self.texts))
                 if len(out) >= limit:
                     break
         return out

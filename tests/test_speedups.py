@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+from collections.abc import Mapping
 
 import pytest
 
-from app.bpf.event import FLAG_SYN, FRAME, TYPE
+from app.bpf.event import FLAG_SYN, FRAME, TYPE, EventRecord
 from app.decode import Decoder
 from app.speedups import speedups
-from tests.evfactory import ev, frames, writer
+from app.table import ConnectionTable, ConnEntry, ConnEntryPy
+from tests.evfactory import TEXTS, ev, frames, writer
 
 if speedups is None:
     if os.environ.get("CONN_TRACER_REQUIRE_BPF") == "1" and os.environ.get("CONN_TRACER_PURE_PYTHON") != "1":
@@ -61,3 +64,58 @@ def test_json_rejects_what_is_not_a_record() -> None:
     with pytest.raises(TypeError):
         writer().json_many(1, [(1, 2, 3)])
     assert FRAME.size % 8 == 0
+
+
+def test_json_numbers_at_digit_boundaries() -> None:
+    values = [0, 1, 9, 10, 11, 99, 100, 101, 999, 1000, 12345, 2**32 - 1, 2**63, 10**19 - 1, 10**19, 2**64 - 1]
+    recs = Decoder().decode(frames(*(ev("established", 1, 1.0, bytes_sent=v) for v in values)))
+    texts = writer().json_many(1, recs)
+    assert texts == writer().json_many_py(1, recs)
+    assert [json.loads(t)["bytes_sent"] for t in texts] == values
+
+
+def table_state(t: ConnectionTable) -> tuple[object, ...]:
+    def entries(d: Mapping[int, ConnEntry]) -> list[tuple[object, ...]]:
+        return [(k, c.rec, c.events, c.pid, c.comm, c.close_ns, c.preexisting, c.missing) for k, c in d.items()]
+
+    return (entries(t._open), entries(t._closed), t.evicted_open, t.evicted_closed, t.traffic.closed_bytes(),
+            dict(t.traffic.closed))
+
+
+@pytest.mark.parametrize("max_open,max_closed", [(262_144, 10_000), (7, 5), (3, 0)])
+def test_table_apply_matches_python(max_open: int, max_closed: int) -> None:
+    """Creates, updates, closes, late events after a close, closes of unknown connections, a start-up
+    twin and both bounds, in batches: the C loop leaves the table exactly as the Python one."""
+    rnd = random.Random(3)
+    recs: list[EventRecord] = []
+    for conn in range(1, 60):
+        t0 = rnd.uniform(0, 100)
+        kinds = rnd.choice([["syn_sent", "established", "close"], ["established", "data_queue"], ["close"],
+                            ["syn_recv", "established", "close", "data_queue"]])
+        recs += [ev(k, conn, t0 + i, pid=rnd.choice([0, 7]), comm=rnd.choice(["a", "b"]),
+                    bytes_sent=i * 10, close_reason=1) for i, k in enumerate(kinds)]
+    rnd.shuffle(recs)   # records of different connections interleave, and some arrive out of order
+    pre = [ev("established", 1000 + i, -5.0, start_ms=-6.0) for i in range(3)]
+    tables = []
+    for apply in ("apply_many", "apply_many_py"):
+        t = ConnectionTable(TEXTS, max_closed_connections=max_closed, max_open_connections=max_open)
+        t.add_preexisting(pre)
+        for lo in range(0, len(recs), 13):
+            getattr(t, apply)(recs[lo:lo + 13])
+        tables.append(table_state(t))
+    assert tables[0] == tables[1]
+    assert tables[0][0] and (tables[0][1] or max_closed == 0)   # something stayed open and closed
+
+
+def test_conn_entry_is_the_python_shape() -> None:
+    rec = ev("established", 1, 1.0, pid=9, comm="x")
+    c, py = ConnEntry(rec), ConnEntryPy(rec)
+    for name in ConnEntryPy.__slots__:
+        assert getattr(c, name) == getattr(py, name), name
+    assert ConnEntry(rec, preexisting=True).events == 0
+    c.events += 2
+    c.missing += 1
+    c.close_ns = 5
+    assert (c.events, c.missing, c.close_ns) == (3, 1, 5)
+    with pytest.raises(TypeError):
+        ConnEntry((1, 2))
