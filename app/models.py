@@ -7,7 +7,7 @@ import json
 import socket
 import time
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -54,67 +54,92 @@ CloseReason = Literal["normal", "refused", "timeout", "reset", "unknown"]
 EVENT_TYPES: tuple[str, ...] = tuple(EVENT_TYPE_NAMES.values())
 
 
+# The fields events and connections share, each described once (the two models list them in their own
+# order: the order of the JSON documents).
+FamilyField = Annotated[Family, Field(description='"ipv4" or "ipv6"')]
+RoleField = Annotated[Role, Field(description="client = active open (SYN_SENT), server = passive open (SYN_RECV)")]
+SrcAddr = Annotated[str, Field(description="local address, from this socket's point of view")]
+SrcPort = Annotated[int, Field(description="local port")]
+DstAddr = Annotated[str, Field(description="remote address")]
+DstPort = Annotated[int, Field(description="remote port")]
+Pid = Annotated[int | None, Field(description="owning process id (server socket: the process using it); null while "
+                                              "unknown")]
+Comm = Annotated[str | None, Field(description="owning process name; null while unknown")]
+BytesSent = Annotated[int, Field(description="payload bytes sent (tcp_sock.bytes_sent less bytes_retrans)")]
+BytesReceived = Annotated[int, Field(description="payload bytes received (tcp_sock.bytes_received less a FIN)")]
+BytesRetrans = Annotated[int, Field(description="bytes retransmitted (tcp_sock.bytes_retrans); not in bytes_sent")]
+RetransSegs = Annotated[int, Field(description="segments retransmitted (tcp_sock.total_retrans)")]
+SrttUs = Annotated[int | None, Field(description="smoothed RTT in us (tcp_sock.srtt_us >> 3); null before a sample")]
+RttvarUs = Annotated[int | None, Field(description="RTT variance in us (tcp_sock.mdev_us >> 2); null before a sample")]
+ConnectUs = Annotated[int | None, Field(description="SYN to ESTABLISHED in us (server: SYN-ACK to final ACK)")]
+CloseReasonField = Annotated[CloseReason | None, Field(
+    description="why it closed: normal|refused|timeout|reset|unknown (unknown: its close was not seen, the sweep "
+                "found it gone); null while open")]
+Netns = Annotated[int, Field(description="network namespace inode number")]
+Cgroup = Annotated[str | None, Field(description="cgroup v2 path of the owner, e.g. /system.slice/nginx.service")]
+ContainerId = Annotated[str | None, Field(description="the container id the cgroup path names, if any")]
+Host = Annotated[str, Field(description="the agent's host name")]
+
+
 class Event(BaseModel):
-    """One thing the kernel saw happen to one TCP connection."""
+    """One thing the kernel saw happen to one TCP connection; counters and state as of this event."""
 
     seq: int = Field(0, description="strictly increasing within one run; assigned by the event hub")
     type: EventType = Field(description="what happened")
     ts: datetime = Field(description="when it happened (UTC)")
     ts_ns: int = Field(description="kernel CLOCK_MONOTONIC timestamp in ns")
     state: str = Field(description="TCP state after this event, e.g. ESTABLISHED")
-    bytes_sent: int = Field(description="payload bytes sent (tcp_sock.bytes_sent less bytes_retrans)")
-    bytes_received: int = Field(description="payload bytes received (tcp_sock.bytes_received less a FIN)")
-    bytes_retrans: int = Field(0, description="bytes retransmitted (tcp_sock.bytes_retrans); not in bytes_sent")
-    retrans_segs: int = Field(0, description="segments retransmitted (tcp_sock.total_retrans)")
-    srtt_us: int | None = Field(None, description="smoothed RTT in us (tcp_sock.srtt_us >> 3); null before a sample")
-    rttvar_us: int | None = Field(None, description="RTT variance in us (tcp_sock.mdev_us >> 2); null before a sample")
-    connect_us: int | None = Field(None, description="SYN to ESTABLISHED in us (server: SYN-ACK to final ACK)")
-    close_reason: CloseReason | None = Field(None, description="close events: normal|refused|timeout|reset|unknown")
+    bytes_sent: BytesSent
+    bytes_received: BytesReceived
+    bytes_retrans: BytesRetrans = 0
+    retrans_segs: RetransSegs = 0
+    srtt_us: SrttUs = None
+    rttvar_us: RttvarUs = None
+    connect_us: ConnectUs = None
+    close_reason: CloseReasonField = None
     conn_id: str = Field(description="the connection's id")
-    family: Family = Field(description='"ipv4" or "ipv6"')
-    role: Role = Field(description="client = active open, server = passive open")
-    src_addr: str = Field(description="local address")
-    src_port: int = Field(description="local port")
-    dst_addr: str = Field(description="remote address")
-    dst_port: int = Field(description="remote port")
-    pid: int | None = Field(description="owning process id, null while unknown")
-    comm: str | None = Field(description="owning process name, null while unknown")
-    netns: int = Field(description="network namespace inode number")
-    cgroup: str | None = Field(None, description="cgroup v2 path of the owner, e.g. /system.slice/nginx.service")
-    container_id: str | None = Field(None, description="the container id the cgroup path names, if any")
-    host: str = Field("", description="the agent's host name")
+    family: FamilyField
+    role: RoleField
+    src_addr: SrcAddr
+    src_port: SrcPort
+    dst_addr: DstAddr
+    dst_port: DstPort
+    pid: Pid
+    comm: Comm
+    netns: Netns
+    cgroup: Cgroup = None
+    container_id: ContainerId = None
+    host: Host = ""
 
 
 class Connection(BaseModel):
-    """A TCP connection as known from its events."""
+    """A TCP connection as known from its events; counters and state as of its latest event."""
 
     id: str = Field(description="unique among all connections of one run")
-    family: Family = Field(description='"ipv4" or "ipv6"')
-    role: Role = Field(description="client = active open (SYN_SENT), server = passive open (SYN_RECV)")
+    family: FamilyField
+    role: RoleField
     state: str = Field(description="kernel TCP state name without the TCP_ prefix")
-    src_addr: str = Field(description="local address, from this socket's point of view")
-    src_port: int = Field(description="local port")
-    dst_addr: str = Field(description="remote address")
-    dst_port: int = Field(description="remote port")
-    pid: int | None = Field(description="owning process id (server socket: the process using it); null while unknown")
-    comm: str | None = Field(description="owning process name; null while unknown")
-    bytes_sent: int = Field(description="payload bytes sent, at the latest event")
-    bytes_received: int = Field(description="payload bytes received, at the latest event")
-    bytes_retrans: int = Field(0, description="bytes retransmitted, at the latest event; not in bytes_sent")
-    retrans_segs: int = Field(0, description="segments retransmitted (tcp_sock.total_retrans)")
-    srtt_us: int | None = Field(None, description="smoothed RTT in us (tcp_sock.srtt_us >> 3); null before a sample")
-    rttvar_us: int | None = Field(None, description="RTT variance in us (tcp_sock.mdev_us >> 2); null before a sample")
-    connect_us: int | None = Field(None, description="SYN to ESTABLISHED in us (server: SYN-ACK to final ACK)")
-    close_reason: CloseReason | None = Field(
-        None, description="why it closed: normal|refused|timeout|reset|unknown (unknown: its close was not seen, the "
-                          "sweep found it gone); null while open")
+    src_addr: SrcAddr
+    src_port: SrcPort
+    dst_addr: DstAddr
+    dst_port: DstPort
+    pid: Pid
+    comm: Comm
+    bytes_sent: BytesSent
+    bytes_received: BytesReceived
+    bytes_retrans: BytesRetrans = 0
+    retrans_segs: RetransSegs = 0
+    srtt_us: SrttUs = None
+    rttvar_us: RttvarUs = None
+    connect_us: ConnectUs = None
+    close_reason: CloseReasonField = None
     started_at: datetime = Field(description="when the first event of this connection was seen")
     closed_at: datetime | None = Field(description="null while open")
     duration_ms: float = Field(description="start to close, or to now while open")
-    netns: int = Field(0, description="network namespace inode number")
-    cgroup: str | None = Field(None, description="cgroup v2 path of the owner, e.g. /system.slice/nginx.service")
-    container_id: str | None = Field(None, description="the container id the cgroup path names, if any")
-    host: str = Field("", description="the agent's host name")
+    netns: Netns = 0
+    cgroup: Cgroup = None
+    container_id: ContainerId = None
+    host: Host = ""
     preexisting: bool = Field(False, description="already open when the tracer started (read from sock_diag)")
     events: int = Field(0, description="events seen for this connection")
 
