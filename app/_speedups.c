@@ -1,10 +1,11 @@
 // The per-event steps of the hot path that pure Python could not bring under budget (issue 8):
 // decoding ring frames into records (validity check, shared objects for repeating values, the
-// syn event a record carries) and writing each event's JSON (~0.9 us per event in Python).
+// syn event a record carries), applying them to the connection table, writing each event's JSON
+// (~0.9 us per event in Python) and folding closes into the traffic totals.
 //
 // Optional: setup.py builds it where a C compiler and Python headers exist. Without it,
-// app/decode.py and app/models.py do the same in Python; those are the reference, and
-// tests/test_speedups.py checks that both give identical results. Nothing about the record
+// app/decode.py, app/table.py, app/models.py and app/traffic.py do the same in Python; those
+// are the reference, and tests/test_speedups.py checks that both give identical results. Nothing about the record
 // layout is written here: configure() receives the field positions and name tables from
 // app/bpf/event.py.
 
