@@ -5,9 +5,9 @@
 //
 // Optional: setup.py builds it where a C compiler and Python headers exist. Without it,
 // app/decode.py, app/table.py, app/models.py and app/traffic.py do the same in Python; those
-// are the reference, and tests/test_speedups.py checks that both give identical results. Nothing about the record
-// layout is written here: configure() receives the field positions and name tables from
-// app/bpf/event.py.
+// are the reference, and tests/test_speedups.py checks that both give identical results.
+// Nothing about the record layout is written here: configure() receives the field positions
+// and name tables from app/bpf/event.py.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
