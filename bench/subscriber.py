@@ -216,7 +216,9 @@ class WSClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.buf:
             data = self.buf + data
-        if not self.opened.done():
+        if not self.is_open:
+            if self.opened.done():  # a refused attempt, being aborted: the rest of the response is not frames
+                return
             end = data.find(b"\r\n\r\n") + 4
             if end == 3:
                 self.buf = data
