@@ -773,8 +773,9 @@ static EntryObject *entry_new(PyObject *rec, int preexisting) {
     return e;
 }
 
+// At least the kernel record's fields: the fleet view's records carry HOST and TEXT after them.
 static int is_record(PyObject *rec) {
-    if (PyTuple_Check(rec) && PyTuple_GET_SIZE(rec) == rec_len)
+    if (PyTuple_Check(rec) && PyTuple_GET_SIZE(rec) >= rec_len)
         return 1;
     PyErr_SetString(PyExc_TypeError, "not an event record");
     return 0;

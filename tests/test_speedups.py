@@ -82,8 +82,10 @@ def table_state(t: ConnectionTable) -> tuple[object, ...]:
             dict(t.traffic.closed))
 
 
+# The fleet view's records carry its HOST and TEXT after the kernel record's fields.
+@pytest.mark.parametrize("tail", [(), ("hostA", '"x":1}')], ids=["agent", "fleet"])
 @pytest.mark.parametrize("max_open,max_closed", [(262_144, 10_000), (7, 5), (3, 0)])
-def test_table_apply_matches_python(max_open: int, max_closed: int) -> None:
+def test_table_apply_matches_python(max_open: int, max_closed: int, tail: tuple[str, ...]) -> None:
     """Creates, updates, closes, late events after a close, closes of unknown connections, a start-up
     twin and both bounds, in batches: the C loop leaves the table exactly as the Python one."""
     rnd = random.Random(3)
@@ -93,7 +95,7 @@ def test_table_apply_matches_python(max_open: int, max_closed: int) -> None:
         kinds = rnd.choice([["syn_sent", "established", "close"], ["established", "data_queue"], ["close"],
                             ["syn_recv", "established", "close", "data_queue"]])
         recs += [ev(k, conn, t0 + i, pid=rnd.choice([0, 7]), comm=rnd.choice(["a", "b"]),
-                    bytes_sent=i * 10, close_reason=1) for i, k in enumerate(kinds)]
+                    bytes_sent=i * 10, close_reason=1) + tail for i, k in enumerate(kinds)]
     rnd.shuffle(recs)   # records of different connections interleave, and some arrive out of order
     pre = [ev("established", 1000 + i, -5.0, start_ms=-6.0) for i in range(3)]
     tables = []
