@@ -8,7 +8,7 @@ import time
 import pytest
 
 from app import sockdiag
-from app.bpf.event import STATE, TCP_STATE_NUMBERS
+from app.bpf.event import STATE, TCP_STATE_NUMBERS, TS_NS
 from app.filters import Filter
 from app.table import ConnectionTable, conn_key, replaced
 from tests.evfactory import T0_NS, TEXTS, ev
@@ -126,8 +126,10 @@ def test_preexisting_from_sockdiag_records() -> None:
     assert (got["p2"].role, got["p2"].family, got["p2"].pid, got["p2"].preexisting) == ("client", "ipv6", None, True)
     # The kernel later reports the same socket (it was opening while we attached): one entry left.
     netns = got["p1"].netns
-    c9 = ev("data_queue", 9, 5, src_addr="10.0.0.1", src_port=22, dst_addr="10.0.0.9", dst_port=5555,
-            netns=netns, pid=None, comm=None, role="server")
+    # Its times from the dump's clock (ev()'s T0 can be later than this machine's uptime).
+    dump_ms = (items[0][TS_NS] - T0_NS) / 1e6
+    c9 = ev("data_queue", 9, dump_ms, start_ms=dump_ms - 1, src_addr="10.0.0.1", src_port=22, dst_addr="10.0.0.9",
+            dst_port=5555, netns=netns, pid=None, comm=None, role="server")
     t.apply(c9)
     ids = {c.id for c in t.query()}
     assert ids == {"c9", "p2"} and t.get("c9").pid == 77  # type: ignore[union-attr]
