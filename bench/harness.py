@@ -53,7 +53,7 @@ class Profile:
 QUICK = Profile(rounds=2, churn_s=3, latency_s=3, latency_rate=10_000, low_s=2, low_rate=1000,
                 iperf_rounds=1, iperf_s=3, rss_count=0, rss_time_s=240, export_rounds=1)
 FULL = Profile(rounds=5, churn_s=10, latency_s=6, latency_rate=10_000, low_s=4, low_rate=1000,
-               iperf_rounds=3, iperf_s=5, rss_count=1_000_000, rss_time_s=240)
+               iperf_rounds=7, iperf_s=5, rss_count=1_000_000, rss_time_s=240)
 
 
 class Skip(Exception):

@@ -244,8 +244,12 @@ def summarise(rounds: list[dict[str, Any]], iperf: list[dict[str, Any]], rss: di
         s["iperf_gbps"] = {k: (med(v) or 0) / 1e9 for k, v in bps.items()}
         traced = next((k for k in bps if k != "none"), None)
         if traced:
+            # Per round (the two runs of a round are back to back), median over rounds: one 5 s run
+            # varies by +-10% here, a pair much less.
+            by_round = {r["round"]: r["bps"] for r in iperf if r["config"] == "none" and "bps" in r}
             s["iperf_config"] = traced
-            s["iperf_ratio"] = (med(bps[traced]) or 0) / (med(bps["none"]) or 1)
+            s["iperf_ratio"] = med([r["bps"] / by_round[r["round"]] for r in iperf
+                                    if r["config"] == traced and "bps" in r and by_round.get(r["round"])]) or 0
     if rss and "rss_kb_after" in rss:
         after, before, st = rss["rss_kb_after"], rss.get("rss_kb_before", {}), rss.get("stats", {})
         s["rss_after_n"] = {"config": rss.get("config"), "connections": rss["churn"]["connections"],
