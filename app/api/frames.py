@@ -67,12 +67,6 @@ class TextFrames:
         proto = self._proto
         return proto is not None and (proto.disconnected or proto.close_sent or proto.transport.is_closing())
 
-    @property
-    def writable_now(self) -> bool:
-        """True if a write now would not wait: below the transport's high-water mark (sansio protocol only)."""
-        proto = self._proto
-        return proto is not None and proto.writable.is_set() and not self.gone
-
     async def wait_writable(self, stop: asyncio.Event) -> bool:
         """Waits until the socket buffer has room or `stop` is set; True if a write may follow.
 

@@ -81,34 +81,23 @@ async def _serve(websocket: WebSocket, core: Core) -> None:
     core.websockets.add(websocket)
     watcher = asyncio.create_task(_watch_disconnect(websocket, sub))
     per_take = max(MESSAGES_PER_WRITE, min(batch_size, MAX_EVENTS_PER_BATCH_MESSAGE))
-    # Behind (after a stall), keep taking in the same loop turn, up to what the ring drains can publish
-    # in one (the wake-up's and the timer's, read_batch_records records each, up to 2 events a record):
-    # with one take a turn it fell further behind while the backlog drained, until the hub dropped its
-    # oldest events. Only while the socket takes it all: a client that stops reading still holds one
-    # take beyond the transport's high-water mark, no more.
+    # Behind (after a stall), take what the ring drains can publish in one loop turn (the wake-up's and
+    # the timer's, read_batch_records records each, up to 2 events a record): with only per_take a
+    # turn it fell further behind while the backlog drained, until the hub dropped its oldest events.
+    # A client that does not read gets no take at all (wait_writable): this bounds one write (~2 MB).
     catch_up = max(per_take, 4 * core.settings.read_batch_records)
-
-    async def send(texts: list[str]) -> None:
-        if batch_size:
-            # Opt-in for high-volume consumers: one JSON array per up to batch_size events.
-            texts = ["[" + ",".join(texts[i:i + batch_size]) + "]" for i in range(0, len(texts), batch_size)]
-        await frames.send(texts)
-
     try:
         # Take events only when the socket has room: a client that stops reading then costs its
         # transport buffer and no more, and a closed one is noticed before anything is written.
         while await frames.wait_writable(sub.done):
-            batch = await sub.next_batch(per_take)
+            behind = sub.behind
+            batch = await sub.next_batch(per_take if behind <= per_take else min(behind, catch_up))
             if not batch or frames.gone:
                 break
-            await send(batch)
-            taken = len(batch)
-            while taken < catch_up and sub.behind > 0 and frames.writable_now:
-                batch = sub.take(per_take)
-                if not batch:
-                    break
-                await send(batch)
-                taken += len(batch)
+            if batch_size:
+                # Opt-in for high-volume consumers: one JSON array per up to batch_size events.
+                batch = ["[" + ",".join(batch[i:i + batch_size]) + "]" for i in range(0, len(batch), batch_size)]
+            await frames.send(batch)
         if sub.close_code is not None:
             await frames.close(sub.close_code, "server shutting down")
     finally:
