@@ -37,6 +37,8 @@ async def _watch_disconnect(websocket: WebSocket, sub: Subscriber) -> None:
         sub.close()
 
 
+
+
 @router.websocket("/ws")
 async def ws_events(websocket: WebSocket) -> None:
     """One JSON event per text message; query: port, pid, family, role, type (a,b), after, batch."""
@@ -81,17 +83,11 @@ async def _serve(websocket: WebSocket, core: Core) -> None:
     core.websockets.add(websocket)
     watcher = asyncio.create_task(_watch_disconnect(websocket, sub))
     per_take = max(MESSAGES_PER_WRITE, min(batch_size, MAX_EVENTS_PER_BATCH_MESSAGE))
-    # Behind (after a stall), take what the ring drains can publish in one loop turn (the wake-up's and
-    # the timer's, read_batch_records records each, up to 2 events a record): with only per_take a
-    # turn it fell further behind while the backlog drained, until the hub dropped its oldest events.
-    # A client that does not read gets no take at all (wait_writable): this bounds one write (~2 MB).
-    catch_up = max(per_take, 4 * core.settings.read_batch_records)
     try:
         # Take events only when the socket has room: a client that stops reading then costs its
         # transport buffer and no more, and a closed one is noticed before anything is written.
         while await frames.wait_writable(sub.done):
-            behind = sub.behind
-            batch = await sub.next_batch(per_take if behind <= per_take else min(behind, catch_up))
+            batch = await sub.next_batch(per_take)
             if not batch or frames.gone:
                 break
             if batch_size:
